@@ -1,0 +1,5 @@
+import sys
+
+from gpooler.cli import main
+
+sys.exit(main())

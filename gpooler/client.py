@@ -1,0 +1,339 @@
+"""One client connection on its own greenlet: startup, authentication, then the relay loop.
+
+The relay reads whatever the client sends, frames it just enough to count the ReadyForQuery
+messages it will earn, and forwards it to the server connection it holds, fetching one from the
+pool first in transaction mode. Replies flow back on the server connection's own greenlet, which
+hands the connection back through `on_ready` once the client's transaction is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from gpooler import protocol as p
+from gpooler.auth import AuthFailed, client_auth
+from gpooler.backend import IDLE, Backend, ServerError
+from gpooler.login import Login, Refusal, check_address, resolve
+from gpooler.pool import Pool, PoolTimeout
+
+if TYPE_CHECKING:
+    from gpooler.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+AUTH_FAILURE_DELAY = 0.25
+MAX_AUTH_MESSAGE = 10000
+RECV_SIZE = 256 * 1024
+_READY_IDLE = p.ready_for_query(b"I")
+
+
+class ClientGone(Exception):
+    """The client closed its socket or sent Terminate."""
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly size bytes, for the startup phase where messages are read one at a time."""
+    chunks = []
+    while size:
+        data = sock.recv(size)
+        if not data:
+            raise ClientGone("client closed the connection during startup")
+        chunks.append(data)
+        size -= len(data)
+    return b"".join(chunks)
+
+
+class Client:
+    """A connected client and the server connection it holds, if any."""
+
+    def __init__(self, daemon: "Daemon", sock: socket.socket, address: tuple, mode: str) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.address = address
+        self.mode = mode
+        self.transaction_mode = mode == "transaction"
+        self.login: Login | None = None
+        self.pool: Pool | None = None
+        self.server: Backend | None = None
+        self.key: p.CancelKey | None = None
+        self.connected_at = time.monotonic()
+        self.counted = False
+        self.closing = False
+        self.hangup_reason = ""
+        self.partial = False  # a message was forwarded in part: the server must not be reused
+
+    @property
+    def peer(self) -> str:
+        host, port = self.address[0], self.address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def describe(self) -> str:
+        if self.login is None:
+            return f"addr={self.peer}"
+        return (
+            f"tenant={self.login.tenant.id} user={self.login.user.name} addr={self.peer} "
+            f"db={self.login.database} mode={self.mode}"
+        )
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self, first_packet: p.Startup) -> None:
+        """Serve the client until it leaves; every outcome is logged once, on one line."""
+        reason = "client closed the connection"
+        try:
+            with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "startup timed out")):
+                self._startup(first_packet)
+            log.info("client connected: %s", self.describe())
+            self._relay()
+        except Refusal as refusal:
+            reason = f"refused: {refusal.sqlstate} {refusal.text}"
+            self._send_quietly(refusal.response())
+        except ServerError as exc:
+            reason = f"server error: {exc}"
+            self._send_quietly(exc.response)
+        except p.ProtocolError as exc:
+            reason = f"protocol violation: {exc}"
+            self._send_quietly(p.error_response("08P01", str(exc), "FATAL"))
+        except ClientGone as exc:
+            reason = str(exc) or reason
+        except OSError as exc:
+            reason = f"connection error: {exc.strerror or exc}"
+        except Exception:
+            log.exception("client %s failed", self.describe())
+            reason = "internal error"
+            self._send_quietly(p.error_response("XX000", "internal error in gpooler", "FATAL"))
+        finally:
+            self._finish()
+            duration = time.monotonic() - self.connected_at
+            level = logging.INFO if self.login is not None or "refused" in reason else logging.DEBUG
+            log.log(level, "client disconnected: %s duration=%.1fs reason=%s",
+                    self.describe(), duration, reason)
+
+    def _finish(self) -> None:
+        self.closing = True
+        server, self.server = self.server, None
+        if server is not None:
+            self._give_back(server)
+        if self.key is not None:
+            self.daemon.unregister(self)
+        if self.counted:
+            self.daemon.client_left(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _give_back(self, server: Backend) -> None:
+        """Return a server connection clean, or close it: never hand on a dirty session."""
+        server.detach()
+        pool = self.pool
+        if not server.broken:
+            if server.pending > 0 or server.open_batch or self.partial:
+                server.close()
+            else:
+                try:
+                    if server.status != IDLE:
+                        server.run("ROLLBACK")
+                    if not self.transaction_mode:
+                        server.run("DISCARD ALL")
+                        server.applied = {}
+                except ServerError as exc:
+                    log.info("closing %r: reset failed: %s", server, exc)
+                    server.close()
+        pool.checkin(server)
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- startup
+
+    def _startup(self, startup: p.Startup) -> None:
+        daemon = self.daemon
+        with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "authentication timed out")):
+            login = resolve(daemon.config, startup.params)
+            check_address(login.tenant, self.address[0])
+            self.login = login
+            if startup.minor > 0 or any(k.startswith("_pq_.") for k in startup.params):
+                unsupported = [k for k in startup.params if k.startswith("_pq_.")]
+                self.sock.sendall(p.negotiate_protocol_version(0, unsupported))
+            self._authenticate(login)
+        daemon.client_joined(self)
+        self.counted = True
+        pool = self.pool = daemon.pool_for(login)
+        if not self.transaction_mode:
+            self.server = self._acquire(learn=True)
+        elif pool.server_params is None or any(
+            (k.lower(), v) not in pool.reported for k, v in login.settings.items()
+        ):
+            pool.checkin(self._acquire(learn=True))
+        self.key = daemon.register(self)
+        reply = [p.auth_request(p.AUTH_OK)]
+        reply += [p.parameter_status(k, v) for k, v in self._reported(pool).items()]
+        reply += [p.backend_key_data(self.key), _READY_IDLE]
+        self.sock.sendall(b"".join(reply))
+
+    def _authenticate(self, login: Login) -> None:
+        user = login.user
+        exchange = client_auth(user.auth_type, user.password, login.login_name)
+        self.sock.sendall(exchange.first())
+        while True:
+            kind, body = self._read_message(MAX_AUTH_MESSAGE)
+            if kind != p.PASSWORD:
+                raise p.ProtocolError(f"expected a password message, got message type {kind}")
+            try:
+                reply, done = exchange.step(body)
+            except AuthFailed:
+                gevent.sleep(AUTH_FAILURE_DELAY)
+                raise Refusal(
+                    "28P01", f'password authentication failed for user "{login.login_name}"'
+                ) from None
+            if reply:
+                self.sock.sendall(reply)
+            if done:
+                return
+
+    def _read_message(self, limit: int) -> tuple[int, bytes]:
+        header = recv_exact(self.sock, 5)
+        length = int.from_bytes(header[1:], "big")
+        if length < 4 or length > limit:
+            raise p.ProtocolError(f"invalid message length {length}")
+        return header[0], recv_exact(self.sock, length - 4)
+
+    def _reported(self, pool: Pool) -> dict[str, str]:
+        params = dict(pool.server_params or {})
+        names = {k.lower(): k for k in params}
+        for name, value in self.login.settings.items():
+            canonical = names.get(name.lower())
+            if canonical is not None:
+                params[canonical] = pool.reported.get((name.lower(), value), (name, value))[1]
+        return params
+
+    # ---------------------------------------------------------------- server connections
+
+    def _checkout(self, pool: Pool) -> Backend:
+        try:
+            return pool.checkout(self.login.user.pool_checkout_timeout)
+        except PoolTimeout as exc:
+            raise Refusal("53300", str(exc)) from None
+
+    def _acquire(self, learn: bool = False) -> Backend:
+        """Check out a server connection and bring it to this client's session settings.
+
+        With learn, what Postgres reports back for the settings is remembered in the pool: it
+        validates them as Postgres would at startup, and it spells them as a direct connection
+        would tell the client (`utf-8` becomes `UTF8`).
+        """
+        pool = self.pool
+        server = self._checkout(pool)
+        settings = self.login.settings
+        try:
+            reported = server.apply_settings(settings)
+        except ServerError:
+            pool.checkin(server)
+            raise
+        if learn:
+            by_name = {k.lower(): (k, v) for k, v in reported.items()}
+            for name, value in settings.items():
+                key = (name.lower(), value)
+                pool.reported[key] = by_name.get(key[0], pool.reported.get(key, (name, value)))
+        server.attach(self)
+        return server
+
+    # Called on the server connection's greenlet.
+    def forward(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self._hang_up("client connection lost")
+
+    def on_ready(self, server: Backend, status: int) -> None:
+        if status != IDLE:
+            return
+        if self.daemon.stopping:
+            self.shut_down()
+        elif self.transaction_mode and self.server is server:
+            self.server = None
+            server.detach()
+            self.pool.checkin(server)
+
+    def server_lost(self, server: Backend) -> None:
+        if self.server is server:
+            self.server = None
+            self.pool.checkin(server)
+            self._hang_up(
+                "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
+            )
+
+    def shut_down(self) -> None:
+        self._hang_up(
+            "gpooler shutting down",
+            p.error_response("57P01", "terminating connection: gpooler is shutting down", "FATAL"),
+        )
+
+    def _hang_up(self, reason: str, farewell: bytes = b"") -> None:
+        """End this client from another greenlet: its relay loop wakes up and cleans up."""
+        if self.closing:
+            return
+        self.closing = True
+        self.hangup_reason = reason
+        if farewell:
+            self._send_quietly(farewell)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- the relay
+
+    def _relay(self) -> None:
+        recv = self.sock.recv
+        walk = p.walk_client
+        carry = b""
+        pos = 0
+        while True:
+            data = recv(RECV_SIZE)
+            if not data or self.closing:
+                raise ClientGone(self.hangup_reason)
+            if carry:
+                data = carry + data
+                carry = b""
+            found = walk(data, pos)
+            end = found.end
+            if found.terminate >= 0:
+                data = data[: found.terminate]
+                pos = 0
+            elif end < len(data):
+                carry = data[end:]
+                data = data[:end]
+                pos = 0
+            else:
+                pos = end - len(data)
+            if data:
+                server = self.server
+                if server is None:
+                    if found.only_sync_flush and not pos:
+                        if found.syncs:
+                            self.sock.sendall(_READY_IDLE * found.syncs)
+                        data = b""
+                    else:
+                        server = self.server = self._acquire()
+                if data:
+                    server.pending += found.syncs
+                    if found.open_batch is not None:
+                        server.open_batch = found.open_batch
+                    self.partial = pos > 0
+                    try:
+                        server.sock.sendall(data)
+                    except OSError:
+                        raise ServerError.unreachable("server connection lost") from None
+            if found.terminate >= 0:
+                raise ClientGone("client terminated the session")

@@ -1,0 +1,90 @@
+"""Listening sockets and the first packet of every connection.
+
+Before a client is a Client it may ask for TLS or GSS encryption (answered "N" until TLS lands),
+send a CancelRequest (forwarded and closed) or a StartupMessage (handed to a new Client).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.server import StreamServer
+
+from gpooler import protocol as p
+from gpooler.client import STARTUP_TIMEOUT, Client, ClientGone, recv_exact
+from gpooler.config import ListenConfig
+
+if TYPE_CHECKING:
+    from gpooler.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+def bind(entry: ListenConfig) -> socket.socket:
+    """A listening socket for one `listen:` entry; IPv6 sockets stay IPv6-only so both can bind."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        entry.host, entry.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    return sock
+
+
+def start(daemon: "Daemon", entry: ListenConfig) -> StreamServer:
+    server = StreamServer(bind(entry), lambda sock, address: accept(daemon, sock, address, entry.mode))
+    server.start()
+    log.info("listening on %s:%d (%s)", entry.host, entry.port, entry.mode)
+    return server
+
+
+def accept(daemon: "Daemon", sock: socket.socket, address: tuple, mode: str) -> None:
+    """Read the connection's first packets and pass it on; refuse anything malformed with 08P01."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        with gevent.Timeout(STARTUP_TIMEOUT, ClientGone("startup timed out")):
+            packet = read_first_packet(sock)
+    except p.ProtocolError as exc:
+        log.info("client refused: addr=%s reason=protocol violation: %s", address[0], exc)
+        _send_and_close(sock, p.error_response("08P01", str(exc), "FATAL"))
+        return
+    except (ClientGone, OSError) as exc:
+        log.debug("connection from %s ended before startup: %s", address[0], exc)
+        sock.close()
+        return
+    if isinstance(packet, p.CancelKey):
+        sock.close()
+        daemon.cancel(packet)
+        return
+    Client(daemon, sock, address, mode).run(packet)
+
+
+def read_first_packet(sock: socket.socket) -> p.Startup | p.CancelKey:
+    """Answer encryption requests ("N": not offered) until a startup or cancel packet arrives."""
+    asked: set[int] = set()
+    while True:
+        length = int.from_bytes(recv_exact(sock, 4), "big")
+        if length < 8 or length > p.MAX_STARTUP_PACKET:
+            raise p.ProtocolError(f"invalid length of startup packet: {length}")
+        packet = p.parse_startup_packet(recv_exact(sock, length - 4))
+        if isinstance(packet, int):
+            if packet in asked:
+                raise p.ProtocolError("duplicate encryption request")
+            asked.add(packet)
+            sock.sendall(b"N")
+            continue
+        return packet
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+    sock.close()

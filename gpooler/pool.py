@@ -1,0 +1,150 @@
+"""Server connections for one (tenant, user, database): checkout, checkin, waiters, sizing.
+
+Connections are opened lazily up to `pool_size` and reused last-in first-out, so the warmest ones
+serve and the rest can age out. Clients that find the pool full queue in arrival order; a returned
+connection is handed straight to the first of them, so nobody overtakes a waiting client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from gevent import Timeout
+from gevent.event import AsyncResult
+
+from gpooler.backend import Backend, ServerError
+
+log = logging.getLogger(__name__)
+
+
+class PoolTimeout(Exception):
+    """No server connection came free within pool_checkout_timeout (53300)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom a pool logs in; a change of any of it retires the open connections."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str
+
+
+class Pool:
+    def __init__(self, name: str, target: Target, size: int) -> None:
+        self.name = name
+        self.target = target
+        self.size = size
+        self.generation = 0
+        self.idle: list[Backend] = []
+        self.members: set[Backend] = set()
+        self.opening = 0
+        self.waiters: deque[AsyncResult] = deque()
+        self.server_params: dict[str, str] | None = None
+        self.reported: dict[tuple[str, str], dict[str, str]] = {}  # setting -> ParameterStatus seen
+
+    @property
+    def total(self) -> int:
+        return len(self.members) + self.opening
+
+    def checkout(self, timeout: float) -> Backend:
+        """A logged-in, idle connection; raises PoolTimeout or ServerError."""
+        while self.idle:
+            server = self.idle.pop()
+            if not server.broken:
+                return server
+        if self.total < self.size and not self.waiters:
+            self.opening += 1
+            return self._open()
+        waiter = AsyncResult()
+        self.waiters.append(waiter)
+        try:
+            server = waiter.get(timeout=timeout or None)
+        except Timeout:
+            if not waiter.ready():
+                self.waiters.remove(waiter)
+                raise PoolTimeout(
+                    f"no server connection available within {timeout:g}s (pool {self.name} "
+                    f"has {self.size} connections, all busy)"
+                ) from None
+            server = waiter.get()
+        return server if server is not None else self._open()
+
+    def _open(self) -> Backend:
+        """Open a connection into a slot the caller reserved by counting it in `opening`."""
+        try:
+            target = self.target
+            server = Backend.connect(
+                (target.host, target.port), target.user, target.password, target.database, self
+            )
+        except BaseException:
+            self.opening -= 1
+            self._wake()
+            raise
+        self.opening -= 1
+        server.generation = self.generation
+        self.members.add(server)
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        log.debug("pool %s: opened %r (%d/%d)", self.name, server, self.total, self.size)
+        return server
+
+    def checkin(self, server: Backend) -> None:
+        """Take a connection back: to the first waiter, onto the idle stack, or closed."""
+        if (
+            server.broken
+            or server.generation != self.generation
+            or self.total > self.size
+            or server not in self.members
+        ):
+            server.close()
+            self.discard(server)
+            return
+        if self.waiters:
+            self.waiters.popleft().set(server)
+        else:
+            self.idle.append(server)
+
+    def discard(self, server: Backend) -> None:
+        """Forget a closed connection and let a waiter open a replacement."""
+        if server not in self.members:
+            return
+        self.members.discard(server)
+        if server in self.idle:
+            self.idle.remove(server)
+        log.debug("pool %s: closed %r (%d/%d)", self.name, server, self.total, self.size)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Give free slots to waiters, reserving each so no newcomer takes it first."""
+        while self.waiters and self.total < self.size:
+            self.opening += 1
+            self.waiters.popleft().set(None)
+
+    def reconfigure(self, target: Target, size: int) -> None:
+        """Apply a reload in place: new size at once, new target for every future connection."""
+        if target != self.target:
+            self.target = target
+            self.generation += 1
+            self.server_params = None
+            self.reported.clear()
+            for server in list(self.idle):
+                server.close()
+                self.discard(server)
+        self.size = size
+        while self.total > self.size and self.idle:
+            server = self.idle.pop(0)
+            server.close()
+            self.discard(server)
+        self._wake()
+
+    def close(self) -> None:
+        """Close what is idle; busy connections are closed as they come back."""
+        self.generation += 1
+        for server in list(self.idle):
+            server.close()
+            self.discard(server)
