@@ -16,6 +16,7 @@ import os
 from scramp import ScramClient, ScramMechanism
 
 from gpooler import protocol as p
+from gpooler.config import password_kind
 
 SCRAM = "SCRAM-SHA-256"
 _MECHANISM = ScramMechanism(SCRAM)
@@ -39,14 +40,6 @@ def md5_response(secret: str, salt: bytes) -> str:
     return "md5" + hashlib.md5(secret[3:].encode() + salt).hexdigest()
 
 
-def is_md5_secret(secret: str) -> bool:
-    return len(secret) == 35 and secret.startswith("md5")
-
-
-def is_scram_verifier(secret: str) -> bool:
-    return secret.startswith(SCRAM + "$")
-
-
 @functools.lru_cache(maxsize=4096)
 def scram_auth_info(secret: str) -> tuple[bytes, bytes, bytes, int]:
     """(salt, stored_key, server_key, iterations) for a plain password or a stored verifier.
@@ -54,7 +47,7 @@ def scram_auth_info(secret: str) -> tuple[bytes, bytes, bytes, int]:
     Cached because deriving from a plain password costs 4096 PBKDF2 rounds, and the YAML holds the
     same password for every login; the random salt is then fixed for the life of the process.
     """
-    if is_scram_verifier(secret):
+    if password_kind(secret) == "scram":
         head, keys = secret[len(SCRAM) + 1 :].split("$", 1)
         iterations, salt = head.split(":", 1)
         stored_key, server_key = keys.split(":", 1)
@@ -166,7 +159,7 @@ def _scram_attributes(text: str) -> dict[str, str]:
 
 class Md5ClientAuth(ClientAuth):
     def __init__(self, secret: str, login: str) -> None:
-        self._secret = secret if is_md5_secret(secret) else md5_secret(secret, login)
+        self._secret = secret if password_kind(secret) == "md5" else md5_secret(secret, login)
         self._salt = os.urandom(4)
 
     def first(self) -> bytes:
@@ -227,7 +220,7 @@ class ServerAuth:
         if code == p.AUTH_MD5:
             secret = (
                 self._password
-                if is_md5_secret(self._password)
+                if password_kind(self._password) == "md5"
                 else md5_secret(self._password, self._user)
             )
             return p.password_message(p.cstr(md5_response(secret, payload[:4])))

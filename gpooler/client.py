@@ -20,6 +20,7 @@ from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
+from gpooler.sockets import ClientGone, close_after, recv_exact
 
 if TYPE_CHECKING:
     from gpooler.daemon import Daemon
@@ -31,22 +32,6 @@ AUTH_FAILURE_DELAY = 0.25
 MAX_AUTH_MESSAGE = 10000
 RECV_SIZE = 256 * 1024
 _READY_IDLE = p.ready_for_query(b"I")
-
-
-class ClientGone(Exception):
-    """The client closed its socket or sent Terminate."""
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    """Exactly size bytes, for the startup phase where messages are read one at a time."""
-    chunks = []
-    while size:
-        data = sock.recv(size)
-        if not data:
-            raise ClientGone("client closed the connection during startup")
-        chunks.append(data)
-        size -= len(data)
-    return b"".join(chunks)
 
 
 class Client:
@@ -124,10 +109,7 @@ class Client:
             self.daemon.unregister(self)
         if self.counted:
             self.daemon.client_left(self)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_after(self.sock)
 
     def _give_back(self, server: Backend) -> None:
         """Return a server connection clean, or close it: never hand on a dirty session."""
@@ -166,6 +148,8 @@ class Client:
                 unsupported = [k for k in startup.params if k.startswith("_pq_.")]
                 self.sock.sendall(p.negotiate_protocol_version(0, unsupported))
             self._authenticate(login)
+        if daemon.stopping:
+            raise Refusal("57P01", "gpooler is shutting down")
         daemon.client_joined(self)
         self.counted = True
         pool = self.pool = daemon.pool_for(login)

@@ -14,7 +14,8 @@ import gevent
 from gevent.server import StreamServer
 
 from gpooler import protocol as p
-from gpooler.client import STARTUP_TIMEOUT, Client, ClientGone, recv_exact
+from gpooler.client import STARTUP_TIMEOUT, Client
+from gpooler.sockets import ClientGone, close_after, recv_exact
 from gpooler.config import ListenConfig
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def accept(daemon: "Daemon", sock: socket.socket, address: tuple, mode: str) -> 
             packet = read_first_packet(sock)
     except p.ProtocolError as exc:
         log.info("client refused: addr=%s reason=protocol violation: %s", address[0], exc)
-        _send_and_close(sock, p.error_response("08P01", str(exc), "FATAL"))
+        close_after(sock, p.error_response("08P01", str(exc), "FATAL"))
         return
     except (ClientGone, OSError) as exc:
         log.debug("connection from %s ended before startup: %s", address[0], exc)
@@ -80,11 +81,3 @@ def read_first_packet(sock: socket.socket) -> p.Startup | p.CancelKey:
             sock.sendall(b"N")
             continue
         return packet
-
-
-def _send_and_close(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass
-    sock.close()

@@ -1,0 +1,43 @@
+"""Socket helpers for the slow paths: reading the startup phase and closing politely."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+
+LINGER_TIMEOUT = 1.0
+
+
+class ClientGone(Exception):
+    """The client closed its socket or sent Terminate."""
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly size bytes, for the startup phase where messages are read one at a time."""
+    chunks = []
+    while size:
+        data = sock.recv(size)
+        if not data:
+            raise ClientGone("client closed the connection during startup")
+        chunks.append(data)
+        size -= len(data)
+    return b"".join(chunks)
+
+
+def close_after(sock: socket.socket, farewell: bytes = b"") -> None:
+    """Send a last message and close so that the peer gets to read it.
+
+    Closing with unread input makes the kernel send a reset, which can destroy the message in
+    flight, so the input is drained briefly first.
+    """
+    try:
+        if farewell:
+            sock.sendall(farewell)
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(LINGER_TIMEOUT, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+    sock.close()
