@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.workers > 1:
+        from gpooler.supervisor import Supervisor
+
+        return Supervisor(args.config, config).run()
     from gpooler.daemon import Daemon
 
     return Daemon(args.config, config).run()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections import Counter
+from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
@@ -17,7 +19,14 @@ from gevent.server import StreamServer
 from gpooler import listener
 from gpooler.cancel import CancelKeys
 from gpooler.client import Client
-from gpooler.config import Config, ConfigError, TenantConfig, UserConfig, load_config
+from gpooler.config import (
+    Config,
+    ConfigError,
+    ListenConfig,
+    TenantConfig,
+    UserConfig,
+    load_config,
+)
 from gpooler.login import Login, Refusal
 from gpooler.pool import Pool, Target
 from gpooler.protocol import CancelKey
@@ -29,13 +38,32 @@ def pool_target(tenant: TenantConfig, user: UserConfig, database: str) -> Target
     return Target(tenant.host, tenant.port, user.server_user, user.server_password, database)
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which of the worker processes this is; peer_dir holds their cancel sockets."""
+
+    index: int = 0
+    count: int = 1
+    peer_dir: str | None = None
+
+
 class Daemon:
-    def __init__(self, config_path: str, config: Config) -> None:
+    """One serving process: with `workers: 1` the whole daemon, else one of the workers."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        sockets: list[tuple[socket.socket, ListenConfig]] | None = None,
+        worker: WorkerSlot = WorkerSlot(),
+    ) -> None:
         self.config_path = config_path
         self.config = config
+        self.worker = worker
+        self._sockets = sockets
         self.pools: dict[tuple[str, str, str], Pool] = {}
         self.client_counts: Counter[tuple[str, str]] = Counter()
-        self.cancel_keys = CancelKeys()
+        self.cancel_keys = CancelKeys(worker.index, worker.count, worker.peer_dir)
         self.servers: list[StreamServer] = []
         self.stopping = False
         self._done = Event()
@@ -45,12 +73,17 @@ class Daemon:
 
     def run(self) -> int:
         """Listen, serve until a signal ends it, return the exit code."""
-        for entry in self.config.listen:
-            self.servers.append(listener.start(self, entry))
+        sockets = self._sockets or [(listener.bind(e), e) for e in self.config.listen]
+        for sock, entry in sockets:
+            self.servers.append(listener.start(self, sock, entry))
+        self.cancel_keys.listen_for_peers()
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.terminate))
         gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(self.interrupt))
-        log.info("gpooler ready")
+        if self.worker.count > 1:
+            log.info("worker %d of %d ready", self.worker.index + 1, self.worker.count)
+        else:
+            log.info("gpooler ready")
         self._done.wait()
         return 0
 

@@ -35,13 +35,14 @@ def bind(entry: ListenConfig) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind(address)
     sock.listen(1024)
+    log.info("listening on %s:%d (%s)", entry.host, entry.port, entry.mode)
     return sock
 
 
-def start(daemon: "Daemon", entry: ListenConfig) -> StreamServer:
-    server = StreamServer(bind(entry), lambda sock, address: accept(daemon, sock, address, entry.mode))
+def start(daemon: "Daemon", sock: socket.socket, entry: ListenConfig) -> StreamServer:
+    """Serve a bound socket; with several workers each one serves the same inherited socket."""
+    server = StreamServer(sock, lambda client, address: accept(daemon, client, address, entry.mode))
     server.start()
-    log.info("listening on %s:%d (%s)", entry.host, entry.port, entry.mode)
     return server
 
 
