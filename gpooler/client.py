@@ -20,7 +20,7 @@ from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
-from gpooler.sockets import ClientGone, close_after, recv_exact
+from gpooler.sockets import ClientGone, close_after, recv_exact, send_all
 
 if TYPE_CHECKING:
     from gpooler.daemon import Daemon
@@ -235,7 +235,7 @@ class Client:
     # Called on the server connection's greenlet.
     def forward(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError:
             self._hang_up("client connection lost")
 
@@ -290,10 +290,9 @@ class Client:
             if carry:
                 data = carry + data
                 carry = b""
-            found = walk(data, pos)
-            end = found.end
-            if found.terminate >= 0:
-                data = data[: found.terminate]
+            end, syncs, open_batch, terminate, only_sync_flush = walk(data, pos)
+            if terminate >= 0:
+                data = data[:terminate]
                 pos = 0
             elif end < len(data):
                 carry = data[end:]
@@ -304,20 +303,20 @@ class Client:
             if data:
                 server = self.server
                 if server is None:
-                    if found.only_sync_flush and not pos:
-                        if found.syncs:
-                            self.sock.sendall(_READY_IDLE * found.syncs)
+                    if only_sync_flush and not pos:
+                        if syncs:
+                            self.sock.sendall(_READY_IDLE * syncs)
                         data = b""
                     else:
                         server = self.server = self._acquire()
                 if data:
-                    server.pending += found.syncs
-                    if found.open_batch is not None:
-                        server.open_batch = found.open_batch
+                    server.pending += syncs
+                    if open_batch is not None:
+                        server.open_batch = open_batch
                     self.partial = pos > 0
                     try:
-                        server.sock.sendall(data)
+                        send_all(server.sock, data)
                     except OSError:
                         raise ServerError.unreachable("server connection lost") from None
-            if found.terminate >= 0:
+            if terminate >= 0:
                 raise ClientGone("client terminated the session")

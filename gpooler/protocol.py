@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_V3 = 196608
 SSL_REQUEST = 80877103
@@ -53,19 +54,18 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- walking streams
 
 
-@dataclass
-class ClientWalk:
-    """What one chunk of client bytes contains, as far as pooling cares."""
+class ClientWalk(NamedTuple):
+    """What one chunk of client bytes holds, as far as pooling cares (a tuple: made per chunk)."""
 
-    end: int  # offset of the first byte not yet framed (an incomplete header starts there)
+    end: int  # where framing stopped: past the chunk inside a body, or before an incomplete header
     syncs: int  # Query, Sync and FunctionCall messages: each earns exactly one ReadyForQuery
-    open_batch: bool | None  # True: extended-protocol work after the last sync point; None: no change
+    open_batch: bool | None  # extended-protocol work after the last sync point; None: no change
     terminate: int  # offset of a Terminate message, or -1
     only_sync_flush: bool  # every framed message was a Sync or a Flush
 
 
 def walk_client(data: bytes | memoryview, pos: int) -> ClientWalk:
-    """Frame client messages starting at pos; raise ProtocolError on a type or length no client sends.
+    """Frame client messages from pos; raise ProtocolError on a type or length no client sends.
 
     pos may exceed len(data) when the previous chunk ended inside a message body; the caller carries
     `end - len(data)` into the next chunk.

@@ -13,6 +13,16 @@ class ClientGone(Exception):
     """The client closed its socket or sent Terminate."""
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """sendall for the relay: gevent's own asks the kernel for the buffer size on every call,
+    which costs a system call per message forwarded."""
+    sent = sock.send(data)
+    if sent < len(data):
+        view = memoryview(data)
+        while sent < len(view):
+            sent += sock.send(view[sent:])
+
+
 def recv_exact(sock: socket.socket, size: int) -> bytes:
     """Exactly size bytes, for the startup phase where messages are read one at a time."""
     chunks = []
