@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import os
 
-from scramp import ScramClient, ScramMechanism
+from scramp import ScramClient, ScramException, ScramMechanism
 
 from gpooler import protocol as p
 from gpooler.config import password_kind
@@ -114,6 +114,8 @@ class ScramClientAuth(ClientAuth):
         if flag not in ("n", "y") or authzid:
             raise ValueError("channel binding and authorization identities are not supported")
         attributes = _scram_attributes(bare)
+        if "m" in attributes:
+            raise ValueError("mandatory SCRAM extensions are not supported")
         client_nonce = attributes.get("r")
         if not client_nonce:
             raise ValueError("no client nonce")
@@ -230,10 +232,13 @@ class ServerAuth:
                 raise AuthUnsupported(f"server offers only {', '.join(mechanisms)}")
             self._scram = ScramClient([SCRAM], self._user, self._password)
             return p.sasl_initial_response(SCRAM, self._scram.get_client_first().encode())
-        if code == p.AUTH_SASL_CONTINUE and self._scram is not None:
-            self._scram.set_server_first(payload.decode())
-            return p.password_message(self._scram.get_client_final().encode())
-        if code == p.AUTH_SASL_FINAL and self._scram is not None:
-            self._scram.set_server_final(payload.decode())
-            return None
+        try:
+            if code == p.AUTH_SASL_CONTINUE and self._scram is not None:
+                self._scram.set_server_first(payload.decode())
+                return p.password_message(self._scram.get_client_final().encode())
+            if code == p.AUTH_SASL_FINAL and self._scram is not None:
+                self._scram.set_server_final(payload.decode())
+                return None
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthUnsupported(f"SCRAM exchange with the server failed: {exc}") from None
         raise AuthUnsupported(f"authentication request {code} is not supported")

@@ -80,7 +80,7 @@ def walk_client(data: bytes | memoryview, pos: int) -> ClientWalk:
         length = unpack(data, pos + 1)[0]
         if kind not in _FRONTEND_TYPES:
             raise ProtocolError(f"invalid frontend message type {kind}")
-        if length < 4 or length > MAX_MESSAGE:
+        if length < 4 or length >= MAX_MESSAGE:
             raise ProtocolError(f"invalid message length {length}")
         if kind == TERMINATE:
             return ClientWalk(pos, syncs, open_batch, pos, only_sync_flush)
@@ -128,7 +128,7 @@ def split_messages(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     while pos + 5 <= n:
         kind = data[pos]
         length = _U32.unpack_from(data, pos + 1)[0]
-        if length < 4 or length > MAX_MESSAGE:
+        if length < 4 or length >= MAX_MESSAGE:
             raise ProtocolError(f"invalid message length {length}")
         end = pos + 1 + length
         if end > n:
@@ -185,9 +185,10 @@ def parse_startup_packet(body: bytes) -> Startup | CancelKey | int:
 def _parse_key_values(data: bytes) -> dict[str, str]:
     if not data.endswith(b"\0"):
         raise ProtocolError("startup packet is not terminated")
-    parts = data[:-1].split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
+    pairs = data[:-1]  # without the list terminator: empty, or name\0value\0 ...
+    if pairs and not pairs.endswith(b"\0"):
+        raise ProtocolError("startup packet is not terminated")
+    parts = pairs[:-1].split(b"\0") if pairs else []
     if len(parts) % 2:
         raise ProtocolError("startup packet has a parameter without a value")
     try:
