@@ -123,6 +123,7 @@ class UserConfig:
     pool_checkout_timeout: float
     client_idle_timeout: float
     client_heartbeat_interval: float
+    max_prepared_statements: int
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class TenantConfig:
     allow_list: tuple[IPNetwork, ...]
     default: bool
     sni_hostname: str | None
+    session_features: str
     users: Mapping[str, UserConfig]
 
 
@@ -460,6 +462,7 @@ _ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MODES = ("session", "transaction")
 _AUTH_TYPES = ("scram-sha-256", "md5", "plain")
+_SESSION_FEATURES = ("pin", "error")
 
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
@@ -515,6 +518,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the tenant for clients that name none (at most one tenant)"),
     Setting("sni_hostname", "tenant", _hostname, None, _no_whitespace,
             "TLS SNI name that selects this tenant"),
+    Setting("session_features", "tenant", _choice(*_SESSION_FEATURES), "pin", None,
+            "in transaction mode, a client using LISTEN, session advisory locks, temporary tables, "
+            "WITH HOLD cursors or LOAD: pin keeps its server connection until that state is gone; "
+            "error refuses the statement with 0A000", cascade=True),
     Setting("users", "tenant", _mapping, REQUIRED, _not_empty, "user name -> user"),
 
     Setting("host", "replica", _string, REQUIRED, _not_empty, "replica address"),
@@ -541,6 +548,9 @@ SETTINGS: tuple[Setting, ...] = (
             "close clients idle this many seconds (0 = never)", cascade=True),
     Setting("client_heartbeat_interval", "user", _number, 60.0, _non_negative,
             "seconds between liveness checks of idle clients (0 = off)", cascade=True),
+    Setting("max_prepared_statements", "user", _integer, 200, _positive,
+            "prepared statements kept per server connection in transaction mode, least recently "
+            "used closed first", cascade=True),
 )
 # fmt: on
 

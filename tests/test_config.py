@@ -65,12 +65,12 @@ def test_minimal_defaults():
     t = c.tenants["acme"]
     assert (t.id, t.host, t.port, t.database, t.replicas) == ("acme", "db", 5432, "postgres", ())
     assert t.allow_list == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-    assert (t.default, t.sni_hostname) == (False, None)
+    assert (t.default, t.sni_hostname, t.session_features) == (False, None, "pin")
     u = t.users["app"]
     assert u == cfg.UserConfig(
         name="app", password="secret", server_user="app", server_password="secret",
         auth_type="scram-sha-256", pool_size=15, max_clients=1000, pool_checkout_timeout=60,
-        client_idle_timeout=0, client_heartbeat_interval=60)
+        client_idle_timeout=0, client_heartbeat_interval=60, max_prepared_statements=200)
 
 
 def test_sections_defaults():

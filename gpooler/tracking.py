@@ -1,0 +1,189 @@
+"""Pairing a server's responses with the requests that caused them.
+
+Transaction pooling rewrites what clients send: a Parse the server already has is answered by
+gpooler (a synthetic ParseComplete), a statement the server lacks is prepared first (a hidden
+Parse whose answer the client must not see), and gpooler asks the server about session state
+between transactions (a hidden Query). So the answers have to be matched to the requests in order:
+each request sent is queued here, and `feed` walks the server's output, completing requests as their
+answers arrive, emitting synthetic answers at the right place and holding back hidden ones.
+
+Pure: bytes in, pieces of bytes out. The relay queues requests in the order it sends them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Callable
+
+from gpooler import protocol as p
+
+FORWARD = 0  # the client's own request: its answer goes to the client
+SYNTH = 1  # answered by gpooler: `payload` is the answer, emitted in turn, never sent to the server
+HIDE = 2  # gpooler's own request: its answer goes to `sink` (a bytearray) or nowhere
+
+_U32 = struct.Struct("!I")
+_ERROR = ord("E")
+_READY = p.READY_FOR_QUERY
+_ASYNC = frozenset(b"NSA")  # notices, parameter changes, notifications: part of no answer
+_SYNC_POINTS = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
+# The message that completes the answer to each extended-protocol request.
+_COMPLETES = {
+    p.PARSE: frozenset(b"1"),
+    p.BIND: frozenset(b"2"),
+    p.CLOSE: frozenset(b"3"),
+    p.DESCRIBE: frozenset(b"Tn"),
+    p.EXECUTE: frozenset(b"CIs"),
+}
+_DROP = bytearray()  # a sink that is never read
+
+
+class TrackingError(Exception):
+    """The server answered something no request explains; the connection cannot be trusted."""
+
+
+class Request:
+    """One request on the wire, or a synthetic answer standing in for one."""
+
+    __slots__ = ("kind", "action", "payload", "sink", "on_done", "failed")
+
+    def __init__(
+        self,
+        kind: int,
+        action: int = FORWARD,
+        payload: bytes = b"",
+        sink: bytearray | None = None,
+        on_done: Callable[[bool, "Request"], None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.action = action
+        self.payload = payload
+        self.sink = sink
+        self.on_done = on_done
+        self.failed = False
+
+    def finish(self, ok: bool) -> None:
+        if self.on_done is not None:
+            self.on_done(ok and not self.failed, self)
+
+    def __repr__(self) -> str:
+        return f"<Request {chr(self.kind)} {('forward', 'synth', 'hide')[self.action]}>"
+
+
+class Tracker:
+    """The requests a server connection still owes answers for, and the walk over its output."""
+
+    def __init__(self) -> None:
+        self.queue: deque[Request] = deque()
+        self._carry = b""
+        self._rest = 0  # bytes of a message body still to come in the next chunk
+        self._rest_sink: bytearray | None = None  # where they go: None = the client
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def push(self, request: Request) -> None:
+        self.queue.append(request)
+
+    def synthetic_due(self) -> bool:
+        """A synthetic answer is next, so nothing from the server will come before it."""
+        return bool(self.queue) and self.queue[0].action == SYNTH
+
+    def take_due(self) -> bytes:
+        """Synthetic answers due now, in order (for when no server output will trigger them)."""
+        pieces = []
+        queue = self.queue
+        while queue and queue[0].action == SYNTH:
+            request = queue.popleft()
+            pieces.append(request.payload)
+            request.finish(True)
+        return b"".join(pieces)
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int, int]:
+        """Walk a chunk of server output; return (pieces for the client, ready count, status).
+
+        ready counts the client's ReadyForQuery messages in the chunk (hidden ones excluded);
+        status is the last ReadyForQuery status seen, hidden or not, or 0.
+        """
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        n = len(data)
+        out: list[bytes] = []
+        ready = 0
+        status = 0
+        queue = self.queue
+        i = run = 0  # data[run:i] is still to be forwarded
+        if self._rest:
+            take = min(self._rest, n)
+            sink = self._rest_sink
+            if sink is not None:
+                if sink is not _DROP:
+                    sink.extend(data[:take])
+                run = take
+            i = take
+            self._rest -= take
+            if self._rest:
+                if run < i:
+                    out.append(data[run:i])
+                return out, ready, status
+        unpack = _U32.unpack_from
+        while True:
+            if queue and queue[0].action == SYNTH:
+                if run < i:
+                    out.append(data[run:i])
+                run = i
+                while queue and queue[0].action == SYNTH:
+                    request = queue.popleft()
+                    out.append(request.payload)
+                    request.finish(True)
+            if i + 5 > n:
+                break
+            kind = data[i]
+            end = i + 1 + unpack(data, i + 1)[0]
+            if kind == _READY and i + 6 > n:
+                break
+            sink = None
+            if kind not in _ASYNC and queue:
+                request = queue[0]
+                action = request.action
+                if action == HIDE:
+                    sink = _DROP if request.sink is None else request.sink
+                if kind == _READY:
+                    if request.kind not in _SYNC_POINTS:
+                        raise TrackingError(f"ReadyForQuery while {request!r} is unanswered")
+                    queue.popleft()
+                    status = data[i + 5]
+                    if action != HIDE:
+                        ready += 1
+                    request.finish(True)
+                elif kind == _ERROR:
+                    request.failed = True
+                    if request.kind not in _SYNC_POINTS:
+                        # The server skips everything up to the next Sync: so do the books.
+                        if action == HIDE and request.sink is None:
+                            sink = None  # our own preparation failed: the client must know why
+                        queue.popleft()
+                        request.finish(False)
+                        while queue and queue[0].kind != p.SYNC:
+                            queue.popleft().finish(False)
+                elif kind in _COMPLETES.get(request.kind, ()):
+                    queue.popleft()
+                    request.finish(True)
+            if sink is not None:
+                if run < i:
+                    out.append(data[run:i])
+                if sink is not _DROP:
+                    sink.extend(data[i : min(end, n)])
+                run = min(end, n)
+            if end > n:
+                self._rest = end - n
+                self._rest_sink = sink
+                i = n
+                break
+            i = end
+        if i < n:
+            self._carry = data[i:]
+        if run < i:
+            out.append(data[run:i])
+        return out, ready, status
