@@ -44,7 +44,7 @@ class ServerError(Exception):
 
     @classmethod
     def unreachable(cls, text: str) -> "ServerError":
-        return cls(p.error_response("08006", text, "FATAL"), text)
+        return cls(p.error_response("08006", text, "FATAL"), f"08006 {text}")
 
 
 class Owner(Protocol):

@@ -90,6 +90,7 @@ class CancelKeys:
             log.warning("cancel request to %r failed: %s", server, exc)
 
     def _pass_on(self, worker: int, key: p.CancelKey) -> None:
+        log.debug("passing a cancel request to worker %d", worker + 1)
         try:
             with gevent.Timeout(CANCEL_TIMEOUT):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

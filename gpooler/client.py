@@ -80,10 +80,10 @@ class Client:
             reason = f"refused: {refusal.sqlstate} {refusal.text}"
             self._send_quietly(refusal.response())
         except ServerError as exc:
-            reason = f"server error: {exc}"
+            reason = f"{'refused' if self.key is None else 'server error'}: {exc}"
             self._send_quietly(exc.response)
         except p.ProtocolError as exc:
-            reason = f"protocol violation: {exc}"
+            reason = f"{'refused: ' if self.key is None else ''}08P01 protocol violation: {exc}"
             self._send_quietly(p.error_response("08P01", str(exc), "FATAL"))
         except ClientGone as exc:
             reason = str(exc) or reason
@@ -156,7 +156,7 @@ class Client:
         if not self.transaction_mode:
             self.server = self._acquire(learn=True)
         elif pool.server_params is None or any(
-            (k.lower(), v) not in pool.reported for k, v in login.settings.items()
+            item not in pool.reported for item in login.settings.items()
         ):
             pool.checkin(self._acquire(learn=True))
         self.key = daemon.register(self)
@@ -196,9 +196,9 @@ class Client:
         params = dict(pool.server_params or {})
         names = {k.lower(): k for k in params}
         for name, value in self.login.settings.items():
-            canonical = names.get(name.lower())
+            canonical = names.get(name)
             if canonical is not None:
-                params[canonical] = pool.reported.get((name.lower(), value), (name, value))[1]
+                params[canonical] = pool.reported.get((name, value), (name, value))[1]
         return params
 
     # ---------------------------------------------------------------- server connections
@@ -227,8 +227,8 @@ class Client:
         if learn:
             by_name = {k.lower(): (k, v) for k, v in reported.items()}
             for name, value in settings.items():
-                key = (name.lower(), value)
-                pool.reported[key] = by_name.get(key[0], pool.reported.get(key, (name, value)))
+                key = (name, value)
+                pool.reported[key] = by_name.get(name, pool.reported.get(key, key))
         server.attach(self)
         return server
 

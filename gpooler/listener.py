@@ -53,7 +53,7 @@ def accept(daemon: "Daemon", sock: socket.socket, address: tuple, mode: str) -> 
         with gevent.Timeout(STARTUP_TIMEOUT, ClientGone("startup timed out")):
             packet = read_first_packet(sock)
     except p.ProtocolError as exc:
-        log.info("client refused: addr=%s reason=protocol violation: %s", address[0], exc)
+        log.info("client refused: addr=%s reason=08P01 protocol violation: %s", address[0], exc)
         close_after(sock, p.error_response("08P01", str(exc), "FATAL"))
         return
     except (ClientGone, OSError) as exc:

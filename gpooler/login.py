@@ -57,14 +57,15 @@ def resolve(config: Config, params: dict[str, str], sni_host: str | None = None)
         user_name = login_name
     option_tenant = None
     settings: dict[str, str] = {}
+    # Setting names are case-insensitive in Postgres; one spelling keeps the books simple.
     for key, value in params.items():
         if key not in _CONNECTION_PARAMS and not key.startswith("_pq_."):
-            settings[key] = value
+            settings[key.lower()] = value
     for name, value in option_settings:
-        if name == "tenant":
+        if name.lower() == "tenant":
             option_tenant = value
         else:
-            settings[name] = value
+            settings[name.lower()] = value
     if tenant_id is None:
         tenant_id = option_tenant or _tenant_from_sni(config, sni_host) or _default_tenant(config)
     if tenant_id is None:
