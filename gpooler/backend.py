@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import gevent
 from gevent.event import Event
+from gevent.lock import Semaphore
 
 from gpooler import protocol as p
 from gpooler.auth import AuthUnsupported, ServerAuth
+from gpooler.prepared import ServerStatements
+from gpooler.sockets import send_all
+from gpooler.tracking import Request, Tracker, TrackingError
 
 if TYPE_CHECKING:
     from gpooler.pool import Pool
@@ -74,6 +78,13 @@ class Backend:
         self.open_batch = False  # extended-protocol messages sent since the last Sync
         self.status = IDLE
         self.broken = False
+        # Transaction mode: answers are matched to requests, statements kept across clients.
+        self.tracked = False
+        self.tracker = Tracker()
+        self.tracker.can_send = lambda: not self.write_lock.locked()
+        self.tracker.send = self.ask
+        self.statements = ServerStatements(pool.max_prepared)
+        self.write_lock = Semaphore()
         self.created = self.last_used = time.monotonic()
         self._pump: gevent.Greenlet | None = None
 
@@ -147,13 +158,46 @@ class Backend:
 
     # ---------------------------------------------------------------- the pump
 
-    def attach(self, owner: Owner) -> None:
+    def attach(self, owner: Owner, tracked: bool = False) -> None:
+        """Send the output to owner; tracked: match answers to requests (see tracking.py)."""
         self.owner = owner
         self._forward = owner.forward
+        self.tracked = tracked
 
     def detach(self) -> None:
         self.owner = None
         self._forward = None
+        self.tracked = False
+
+    def send(self, data: bytes, requests: list[Request]) -> None:
+        """Send for the attached client, queueing what the answers must match in the same order.
+
+        Raises ServerError when the connection is gone.
+        """
+        with self.write_lock:
+            self.tracker.extend(requests)
+            try:
+                send_all(self.sock, data)
+            except OSError:
+                self.close()
+                raise ServerError.unreachable("server connection lost") from None
+
+    def ask(self, data: bytes, requests: list[Request]) -> bool:
+        """Send gpooler's own requests from the pump's side, unless the client is sending now.
+
+        The pump must never wait for the lock: the client's send may be waiting for the server,
+        which waits for the pump to read. A busy client comes back to an idle point anyway.
+        """
+        if self.write_lock.locked():
+            return False
+        with self.write_lock:
+            self.tracker.extend(requests)
+            try:
+                send_all(self.sock, data)
+            except OSError:
+                self.close()
+                return False
+        return True
 
     def _run_pump(self) -> None:
         recv = self.sock.recv
@@ -165,6 +209,9 @@ class Backend:
                 data = recv(RECV_SIZE)
                 if not data:
                     break
+                if self.tracked:
+                    self._tracked_output(data)
+                    continue
                 if carry:
                     data = carry + data
                     carry = b""
@@ -194,6 +241,24 @@ class Backend:
                 log.debug("%r: read failed: %s", self, exc)
         finally:
             self._lost()
+
+    def _tracked_output(self, data: bytes) -> None:
+        try:
+            pieces, ready, status = self.tracker.feed(data)
+        except TrackingError as exc:
+            log.error("%r: %s: closing it", self, exc)
+            self.close()
+            return
+        if ready:
+            self.pending -= ready
+        if status:
+            self.status = status
+        if pieces:
+            self._forward(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if status and self.pending <= 0 and not self.open_batch and not self.tracker.queue:
+            owner = self.owner
+            if owner is not None:
+                owner.on_ready(self, status)
 
     def _idle_output(self, data: bytes) -> None:
         """Output nobody asked for: notices are dropped, an error means the session is over."""

@@ -20,7 +20,9 @@ from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
+from gpooler.session_state import Inspection
 from gpooler.sockets import ClientGone, close_after, recv_exact, send_all
+from gpooler.transparent import ClientSession
 
 if TYPE_CHECKING:
     from gpooler.daemon import Daemon
@@ -52,6 +54,7 @@ class Client:
         self.closing = False
         self.hangup_reason = ""
         self.partial = False  # a message was forwarded in part: the server must not be reused
+        self.session: ClientSession | None = None  # transaction mode: the session gpooler keeps
 
     @property
     def peer(self) -> str:
@@ -75,7 +78,10 @@ class Client:
             with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "startup timed out")):
                 self._startup(first_packet)
             log.info("client connected: %s", self.describe())
-            self._relay()
+            if self.session is not None:
+                self._relay_transactions()
+            else:
+                self._relay()
         except Refusal as refusal:
             reason = f"refused: {refusal.sqlstate} {refusal.text}"
             self._send_quietly(refusal.response())
@@ -116,19 +122,35 @@ class Client:
         server.detach()
         pool = self.pool
         if not server.broken:
-            if server.pending > 0 or server.open_batch or self.partial:
+            session = self.session
+            if (
+                server.pending > 0
+                or server.open_batch
+                or self.partial
+                or server.tracker
+                or (session is not None and session.loaded)
+            ):
                 server.close()
             else:
                 try:
                     if server.status != IDLE:
                         server.run("ROLLBACK")
-                    if not self.transaction_mode:
-                        server.run("DISCARD ALL")
-                        server.applied = {}
+                    self._reset(server)
                 except ServerError as exc:
                     log.info("closing %r: reset failed: %s", server, exc)
                     server.close()
         pool.checkin(server)
+
+    def _reset(self, server: Backend) -> None:
+        """Leave nothing of this client's session on the server for the next one."""
+        session = self.session
+        if session is None or session.pinned or session.pins_changed:
+            server.run("DISCARD ALL")
+            server.applied = {}
+            server.statements.clear()
+        elif session.session_changed:
+            server.run("RESET ALL")
+            server.applied = {}
 
     def _send_quietly(self, data: bytes) -> None:
         try:
@@ -153,6 +175,8 @@ class Client:
         daemon.client_joined(self)
         self.counted = True
         pool = self.pool = daemon.pool_for(login)
+        if self.transaction_mode:
+            self.session = ClientSession(login.settings, login.tenant.session_features == "error")
         if not self.transaction_mode:
             self.server = self._acquire(learn=True)
         elif pool.server_params is None or any(
@@ -218,7 +242,7 @@ class Client:
         """
         pool = self.pool
         server = self._checkout(pool)
-        settings = self.login.settings
+        settings = self.session.settings if self.session is not None else self.login.settings
         try:
             reported = server.apply_settings(settings)
         except ServerError:
@@ -229,7 +253,7 @@ class Client:
             for name, value in settings.items():
                 key = (name, value)
                 pool.reported[key] = by_name.get(name, pool.reported.get(key, key))
-        server.attach(self)
+        server.attach(self, tracked=self.session is not None)
         return server
 
     # Called on the server connection's greenlet.
@@ -242,12 +266,26 @@ class Client:
     def on_ready(self, server: Backend, status: int) -> None:
         if status != IDLE:
             return
+        session = self.session
         if self.daemon.stopping:
             self.shut_down()
-        elif self.transaction_mode and self.server is server:
-            self.server = None
-            server.detach()
-            self.pool.checkin(server)
+        elif session is not None and self.server is server:
+            question = session.inspection(lambda found: self._inspected(server, found))
+            if question is not None:
+                if not server.ask(question[0], [question[1]]):
+                    session.session_changed = session.pins_changed = True
+                return
+            notice = session.take_notice()
+            if notice:
+                self.forward(notice)
+            if not session.pinned:
+                self.server = None
+                server.detach()
+                self.pool.checkin(server)
+
+    def _inspected(self, server: Backend, found: Inspection) -> None:
+        if found.settings is not None:
+            server.applied = dict(found.settings)
 
     def server_lost(self, server: Backend) -> None:
         if self.server is server:
@@ -319,4 +357,36 @@ class Client:
                     except OSError:
                         raise ServerError.unreachable("server connection lost") from None
             if terminate >= 0:
+                raise ClientGone("client terminated the session")
+
+    def _relay_transactions(self) -> None:
+        """The relay for transaction mode: whole messages, translated for the current server."""
+        recv = self.sock.recv
+        reader = p.MessageReader()
+        session = self.session
+        while True:
+            data = recv(RECV_SIZE)
+            if not data or self.closing:
+                raise ClientGone(self.hangup_reason)
+            items = reader.feed(data)
+            if not items:
+                continue
+            server = self.server
+            if server is None:
+                if all(item[0] == p.SYNC or item[0] == p.FLUSH for item in items):
+                    syncs = sum(1 for item in items if item[0] == p.SYNC)
+                    if syncs:
+                        self.sock.sendall(_READY_IDLE * syncs)
+                    continue
+                if items[0][0] == p.TERMINATE:
+                    raise ClientGone("client terminated the session")
+                server = self.server = self._acquire()
+            pieces, requests, syncs, open_batch = session.translate(items, server.statements)
+            server.pending += syncs
+            if open_batch is not None:
+                server.open_batch = open_batch
+            self.partial = reader.streaming
+            if pieces:
+                server.send(pieces[0] if len(pieces) == 1 else b"".join(pieces), requests)
+            if items[-1][0] == p.TERMINATE:
                 raise ClientGone("client terminated the session")

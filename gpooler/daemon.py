@@ -114,7 +114,9 @@ class Daemon:
                 pool.close()
                 log.info("pool %s removed", pool.name)
             else:
-                pool.reconfigure(pool_target(tenant, user, database), user.pool_size)
+                pool.reconfigure(
+                    pool_target(tenant, user, database), user.pool_size, user.max_prepared_statements
+                )
 
     def terminate(self) -> None:
         """SIGTERM: stop accepting, let transactions finish within shutdown_timeout, then exit."""
@@ -160,6 +162,7 @@ class Daemon:
                 f"{key[1]}.{key[0]}/{key[2]}",
                 pool_target(login.tenant, login.user, login.database),
                 login.user.pool_size,
+                login.user.max_prepared_statements,
             )
             self.pools[key] = pool
         return pool

@@ -35,10 +35,11 @@ class Target:
 
 
 class Pool:
-    def __init__(self, name: str, target: Target, size: int) -> None:
+    def __init__(self, name: str, target: Target, size: int, max_prepared: int) -> None:
         self.name = name
         self.target = target
         self.size = size
+        self.max_prepared = max_prepared
         self.generation = 0
         self.idle: list[Backend] = []
         self.members: set[Backend] = set()
@@ -125,8 +126,11 @@ class Pool:
             self.opening += 1
             self.waiters.popleft().set(None)
 
-    def reconfigure(self, target: Target, size: int) -> None:
+    def reconfigure(self, target: Target, size: int, max_prepared: int) -> None:
         """Apply a reload in place: new size at once, new target for every future connection."""
+        self.max_prepared = max_prepared
+        for server in self.members:
+            server.statements.limit = max_prepared
         if target != self.target:
             self.target = target
             self.generation += 1

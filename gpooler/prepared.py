@@ -14,12 +14,11 @@ server gets the client's PREPARE replayed when it lacks that statement or holds 
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from gpooler import protocol as p
-from gpooler.tracking import FORWARD, HIDE, SYNTH, Request
+from gpooler.tracking import FORWARD, HIDE, SYNTH, Request, Retry, plain
 
 PARSE_COMPLETE = p.message(b"1")
 CLOSE_COMPLETE = p.message(b"3")
@@ -78,7 +77,7 @@ class Rewriter:
         """A Parse; None means the client named a statement it already has (42P05)."""
         name, definition = _split_name(body)
         if not name:
-            requests.append(Request(p.PARSE))
+            requests.append(plain(p.PARSE))
             return p.message(b"P", body)
         if name in self.client.parsed:
             return None
@@ -96,19 +95,26 @@ class Rewriter:
         return evicted + message
 
     def bind(self, body: bytes, requests: list[Request]) -> bytes:
+        """A Bind of a known statement can be retried once if DDL made its cached plan stale."""
         portal, rest = _split_name(body)
         statement, tail = _split_name(rest)
         prepare, sname = self._ensure(statement, requests)
-        requests.append(Request(p.BIND))
-        return prepare + p.message(b"B", portal + b"\0" + sname + b"\0" + tail)
+        message = p.message(b"B", portal + b"\0" + sname + b"\0" + tail)
+        known = self.client.parsed.get(statement) if statement else None
+        if known is None:
+            requests.append(plain(p.BIND))
+        else:
+            again = p.message(b"C", b"S" + sname + b"\0") + known[1]
+            requests.append(Request(p.BIND, retry=Retry(again, b"CP", [message])))
+        return prepare + message
 
     def describe(self, body: bytes, requests: list[Request]) -> bytes:
         if body[:1] != b"S":
-            requests.append(Request(p.DESCRIBE))
+            requests.append(plain(p.DESCRIBE))
             return p.message(b"D", body)
         statement, _ = _split_name(body[1:])
         prepare, sname = self._ensure(statement, requests)
-        requests.append(Request(p.DESCRIBE))
+        requests.append(plain(p.DESCRIBE))
         return prepare + p.message(b"D", b"S" + sname + b"\0")
 
     def close(self, body: bytes, requests: list[Request]) -> bytes:
@@ -119,7 +125,7 @@ class Rewriter:
                 self.client.parsed.pop(statement, None)
                 requests.append(Request(p.CLOSE, SYNTH, CLOSE_COMPLETE))
                 return b""
-        requests.append(Request(p.CLOSE))
+        requests.append(plain(p.CLOSE))
         return p.message(b"C", body)
 
     def _ensure(self, statement: bytes, requests: list[Request]) -> tuple[bytes, bytes]:
@@ -176,9 +182,3 @@ WAKE = p.message(b"C", b"Pgpooler.wake\0") + p.message(b"H")
 """Closing a portal nobody opened: a harmless request whose answer shows up at once, so that
 synthetic answers queued behind nothing real are emitted without waiting for the client."""
 
-
-def parse_statement_name(body: bytes) -> bytes:
-    return _split_name(body)[0]
-
-
-_ = struct  # keep struct import for future message decoding

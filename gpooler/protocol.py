@@ -39,6 +39,7 @@ COPY_DATA = ord("d")
 COPY_DONE = ord("c")
 COPY_FAIL = ord("f")
 PASSWORD = ord("p")
+COPY_PART = -1  # not a message type: part of a CopyData body, see MessageReader
 
 READY_FOR_QUERY = ord("Z")
 
@@ -93,6 +94,73 @@ def walk_client(data: bytes | memoryview, pos: int) -> ClientWalk:
             only_sync_flush = False
         pos += 1 + length
     return ClientWalk(pos, syncs, open_batch, -1, only_sync_flush)
+
+
+class MessageReader:
+    """Cuts a client's byte stream into whole messages; only CopyData may stream through in parts.
+
+    Transaction pooling must read whole messages (it rewrites statement names and classifies
+    query texts), but a COPY can carry any amount of data, so CopyData bodies are passed on as they
+    come. Incomplete messages are kept as a list of chunks and joined once, so a large message
+    arriving in many chunks costs one copy, not one per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
+        self._streaming = 0  # CopyData body bytes still to pass on
+
+    @property
+    def streaming(self) -> bool:
+        """A CopyData message was passed on in part: the rest is still to come."""
+        return self._streaming > 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes, int, int]]:
+        """(kind, buffer, start, end) for each message, or part of a CopyData (kind COPY_PART)."""
+        items: list[tuple[int, bytes, int, int]] = []
+        if self._streaming:
+            take = min(self._streaming, len(data))
+            items.append((COPY_PART, data, 0, take))
+            self._streaming -= take
+            if take == len(data):
+                return items
+            data = data[take:]
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return items
+            data = b"".join(self._parts)
+            self._parts = []
+        n = len(data)
+        i = 0
+        unpack = _U32.unpack_from
+        need = 5
+        while i + 5 <= n:
+            kind = data[i]
+            length = unpack(data, i + 1)[0]
+            if kind not in _FRONTEND_TYPES:
+                raise ProtocolError(f"invalid frontend message type {kind}")
+            if length < 4 or length >= MAX_MESSAGE:
+                raise ProtocolError(f"invalid message length {length}")
+            end = i + 1 + length
+            if end > n:
+                if kind == COPY_DATA:
+                    items.append((COPY_PART, data, i, n))
+                    self._streaming = end - n
+                    return items
+                need = end - i
+                break
+            items.append((kind, data, i, end))
+            if kind == TERMINATE:
+                return items
+            i = end
+        if i < n:
+            self._parts = [data[i:]]
+            self._have = n - i
+            self._need = need
+        return items
 
 
 def walk_server(data: bytes | memoryview, pos: int) -> tuple[int, int, int]:

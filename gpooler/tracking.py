@@ -45,7 +45,7 @@ class TrackingError(Exception):
 class Request:
     """One request on the wire, or a synthetic answer standing in for one."""
 
-    __slots__ = ("kind", "action", "payload", "sink", "on_done", "failed")
+    __slots__ = ("kind", "action", "payload", "sink", "on_done", "failed", "retry")
 
     def __init__(
         self,
@@ -54,6 +54,7 @@ class Request:
         payload: bytes = b"",
         sink: bytearray | None = None,
         on_done: Callable[[bool, "Request"], None] | None = None,
+        retry: "Retry | None" = None,
     ) -> None:
         self.kind = kind
         self.action = action
@@ -61,6 +62,8 @@ class Request:
         self.sink = sink
         self.on_done = on_done
         self.failed = False
+        self.retry = retry
+
 
     def finish(self, ok: bool) -> None:
         if self.on_done is not None:
@@ -68,6 +71,34 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request {chr(self.kind)} {('forward', 'synth', 'hide')[self.action]}>"
+
+
+class Retry:
+    """How to run a request again after Postgres found its cached plan stale after DDL.
+
+    `prepare` re-creates the statement; `replay` is what was sent from this request up to and
+    including the Sync (or the Query itself), appended to by the relay as it sends more.
+    """
+
+    __slots__ = ("prepare", "prepare_kinds", "replay")
+
+    def __init__(self, prepare: bytes, prepare_kinds: bytes, replay: list[bytes]) -> None:
+        self.prepare = prepare
+        self.prepare_kinds = prepare_kinds  # the request kind of each message in `prepare`
+        self.replay = replay
+
+
+def is_stale_plan(body: bytes) -> bool:
+    fields = p.parse_fields(body)
+    return fields.get("C") == "0A000" and fields.get("M") == "cached plan must not change result type"
+
+
+def plain(kind: int) -> Request:
+    """The shared request for a message that is forwarded and needs nothing done on its answer."""
+    return _PLAIN[kind]
+
+
+_PLAIN = {kind: Request(kind) for kind in b"PBDECSQF"}
 
 
 class Tracker:
@@ -78,26 +109,18 @@ class Tracker:
         self._carry = b""
         self._rest = 0  # bytes of a message body still to come in the next chunk
         self._rest_sink: bytearray | None = None  # where they go: None = the client
+        self.last_status = ord("I")  # of the last ReadyForQuery: idle means no explicit transaction
+        self._executed = False  # an Execute completed since the last ReadyForQuery
+        # For retries, set by the connection: whether it may send now, and the send itself (which
+        # queues the requests too).
+        self.can_send: Callable[[], bool] = lambda: False
+        self.send: Callable[[bytes, list[Request]], object] = lambda data, requests: None
 
     def __bool__(self) -> bool:
         return bool(self.queue)
 
-    def push(self, request: Request) -> None:
-        self.queue.append(request)
-
-    def synthetic_due(self) -> bool:
-        """A synthetic answer is next, so nothing from the server will come before it."""
-        return bool(self.queue) and self.queue[0].action == SYNTH
-
-    def take_due(self) -> bytes:
-        """Synthetic answers due now, in order (for when no server output will trigger them)."""
-        pieces = []
-        queue = self.queue
-        while queue and queue[0].action == SYNTH:
-            request = queue.popleft()
-            pieces.append(request.payload)
-            request.finish(True)
-        return b"".join(pieces)
+    def extend(self, requests: list[Request]) -> None:
+        self.queue.extend(requests)
 
     def feed(self, data: bytes) -> tuple[list[bytes], int, int]:
         """Walk a chunk of server output; return (pieces for the client, ready count, status).
@@ -153,10 +176,13 @@ class Tracker:
                     if request.kind not in _SYNC_POINTS:
                         raise TrackingError(f"ReadyForQuery while {request!r} is unanswered")
                     queue.popleft()
-                    status = data[i + 5]
+                    status = self.last_status = data[i + 5]
+                    self._executed = False
                     if action != HIDE:
                         ready += 1
                     request.finish(True)
+                elif kind == _ERROR and self._retried(request, data, i, end):
+                    sink = _DROP
                 elif kind == _ERROR:
                     request.failed = True
                     if request.kind not in _SYNC_POINTS:
@@ -169,6 +195,8 @@ class Tracker:
                             queue.popleft().finish(False)
                 elif kind in _COMPLETES.get(request.kind, ()):
                     queue.popleft()
+                    if request.kind == p.EXECUTE:
+                        self._executed = True
                     request.finish(True)
             if sink is not None:
                 if run < i:
@@ -187,3 +215,39 @@ class Tracker:
         if run < i:
             out.append(data[run:i])
         return out, ready, status
+
+    def _retried(self, request: Request, data: bytes, start: int, end: int) -> bool:
+        """Run a request again, transparently, when only a stale cached plan made it fail.
+
+        Only outside an explicit transaction, only when nothing the client sent later is queued
+        behind it (the retry must run before that), and only when the relay is not sending.
+        """
+        retry = request.retry
+        if (
+            retry is None
+            or self.last_status != ord("I")
+            or end > len(data)
+            or not is_stale_plan(data[start + 5 : end])
+        ):
+            return False
+        queue = self.queue
+        if request.kind in _SYNC_POINTS:
+            if len(queue) != 1:
+                return False
+            stale = [request]
+        elif self._executed:
+            return False  # the implicit transaction already ran something: it is lost
+        else:
+            stale = list(queue)
+            if stale[-1].kind != p.SYNC or sum(r.kind == p.SYNC for r in stale) != 1:
+                return False
+        if not self.can_send():
+            return False
+        for _ in stale:
+            queue.popleft()
+        request.retry = None  # once
+        # What the server still sends for the failed attempt, up to its ReadyForQuery, is hidden.
+        queue.appendleft(Request(p.SYNC if request.kind not in _SYNC_POINTS else request.kind, HIDE))
+        again = [Request(kind, HIDE) for kind in retry.prepare_kinds] + stale
+        self.send(retry.prepare + b"".join(retry.replay), again)
+        return True

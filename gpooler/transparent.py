@@ -1,0 +1,324 @@
+"""What makes transaction pooling transparent: one client's view of its session, kept by gpooler.
+
+A client on the transaction port believes it has one session. Its named prepared statements (both
+protocol-level and SQL PREPARE), its session settings and its session-only features are kept here
+and brought to whichever server connection serves it. `translate` turns the messages the client
+sent into what the current server connection needs, plus the requests the response tracker must
+expect; the caller sends both.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from gpooler import protocol as p
+from gpooler import router
+from gpooler.prepared import WAKE, ClientStatements, Rewriter, ServerStatements, already_exists
+from gpooler.session_state import (
+    Inspection,
+    inspection_query,
+    pinned_notice,
+    read_inspection,
+    refused_feature,
+    refusing_statement,
+)
+from gpooler.tracking import HIDE, SYNTH, Request, Retry, plain
+
+_EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE))
+
+
+class Effects:
+    """What a statement text means to the pooler, reduced from the router's classification."""
+
+    __slots__ = ("session", "pins", "unpins", "prepared", "resets_books", "single")
+
+    def __init__(self, classification: router.Classification, drops: bool) -> None:
+        statements = classification.statements
+        self.single = len(statements) == 1
+        self.session = any(s.session or s.discard for s in statements)
+        self.pins = frozenset().union(*(s.pins for s in statements))
+        # DROP may remove the last temporary table: worth asking the server again.
+        self.unpins = drops or any(s.unpins or s.discard in ("all", "temp") for s in statements)
+        self.prepared = tuple(s.prepared for s in statements if s.prepared)
+        self.resets_books = any(
+            s.discard == "all" or (s.prepared and s.prepared[0] == "deallocate_all")
+            for s in statements
+        )
+
+
+# Every statement the pooler must notice starts with one of these words, or calls one of the
+# functions below: any other text is passed on without parsing. (Texts that embed their values are
+# all different, so the classifier's cache cannot help them; this test must be cheap.)
+_TRIGGER_WORDS = frozenset(
+    b"set reset prepare execute deallocate discard listen unlisten load declare close create drop"
+    .split()
+)
+_FIRST_WORD = re.compile(rb"\s*([a-z_]+)")  # no match (a comment, a parenthesis): classify
+_ANYWHERE = re.compile(rb"set_config|advisory|pg_temp|;\s*\S")  # calls, or a second statement
+
+
+def effects(text: bytes) -> Effects | None:
+    """None for the common statement that changes nothing the pooler keeps."""
+    lowered = text.lower()
+    first = _FIRST_WORD.match(lowered)
+    if first is not None and first.group(1) not in _TRIGGER_WORDS:
+        if _ANYWHERE.search(lowered) is None:
+            return None
+    return _classified(text)
+
+
+@functools.lru_cache(maxsize=10000)
+def _classified(text: bytes) -> Effects | None:
+    drops = re.search(rb"(?i)(?:^|;)\s*drop\b", text) is not None
+    found = Effects(router.classify(text.decode("utf-8", "replace")), drops)
+    if found.session or found.pins or found.unpins or found.prepared:
+        return found
+    return None
+
+
+class ClientSession:
+    """The session one transaction-mode client believes it has."""
+
+    def __init__(self, startup_settings: dict[str, str], refuse_pins: bool) -> None:
+        self.startup = dict(startup_settings)
+        self.settings = dict(startup_settings)  # brought to every server connection it uses
+        self.statements = ClientStatements()
+        self.refuse_pins = refuse_pins
+        self.session_changed = False  # ask the server what the session holds before letting go
+        self.pins_changed = False  # ask whether session-only state is still there
+        self.pinned = False
+        self.loaded = False  # LOAD cannot be undone: the connection is closed afterwards
+        self.features: set[str] = set()
+        self.notice_due = False
+        self.skipping = False  # after an error gpooler answered, drop messages until Sync
+        self.replay: list[bytes] | None = None  # what to send again if a stale plan fails a Bind
+
+    # ---------------------------------------------------------------- client -> server
+
+    def translate(
+        self, items: list[tuple[int, bytes, int, int]], server: ServerStatements
+    ) -> tuple[list[bytes], list[Request], int, bool | None]:
+        """Returns (pieces to send, requests to expect, sync points, open batch or None)."""
+        if len(items) == 1 and items[0][0] == p.QUERY and not self.skipping:
+            # The simple-protocol round trip, by far the most common: no rewriting to do.
+            _, buffer, start, end = items[0]
+            requests = []
+            replacement = self._query(buffer[start + 5 : end - 1], server, requests)
+            if replacement is None:
+                replacement = buffer if start == 0 and end == len(buffer) else buffer[start:end]
+            return [replacement], requests, 1, False
+        out: list[bytes] = []
+        requests: list[Request] = []
+        rewriter = Rewriter(self.statements, server)
+        syncs = 0
+        open_batch = None
+        run_buffer = None
+        run_start = run_end = 0
+        for kind, buffer, start, end in items:
+            if kind == p.TERMINATE:
+                break
+            if self.skipping and kind != p.SYNC:
+                continue
+            replacement = None
+            if kind == p.QUERY:
+                syncs += 1
+                open_batch = False
+                replacement = self._query(buffer[start + 5 : end - 1], server, requests)
+            elif kind == p.SYNC:
+                syncs += 1
+                open_batch = False
+                self.skipping = False
+                requests.append(plain(p.SYNC))
+            elif kind == p.FUNCTION_CALL:
+                syncs += 1
+                open_batch = False
+                requests.append(plain(p.FUNCTION_CALL))
+            elif kind in _EXTENDED:
+                open_batch = True
+                body = buffer[start + 5 : end]
+                if kind == p.PARSE:
+                    replacement = self._parse(body, rewriter, requests)
+                elif kind == p.BIND:
+                    replacement = rewriter.bind(body, requests)
+                elif kind == p.DESCRIBE:
+                    replacement = rewriter.describe(body, requests)
+                elif kind == p.CLOSE:
+                    replacement = rewriter.close(body, requests)
+                else:
+                    requests.append(plain(p.EXECUTE))
+            replay = self.replay
+            if replay is not None:
+                if kind == p.BIND and requests and requests[-1].retry is not None:
+                    replay = self.replay = requests[-1].retry.replay  # starts a new one
+                else:
+                    replay.append(buffer[start:end] if replacement is None else replacement)
+                if kind == p.SYNC:
+                    self.replay = None
+            elif kind == p.BIND and requests and requests[-1].retry is not None:
+                self.replay = requests[-1].retry.replay
+            if replacement is None:
+                if buffer is run_buffer and start == run_end:
+                    run_end = end
+                    continue
+                if run_buffer is not None:
+                    out.append(run_buffer[run_start:run_end])
+                run_buffer, run_start, run_end = buffer, start, end
+            else:
+                if run_buffer is not None:
+                    out.append(run_buffer[run_start:run_end])
+                    run_buffer = None
+                out.append(replacement)
+        if run_buffer is not None:
+            out.append(run_buffer[run_start:run_end])
+        if requests and all(r.action == SYNTH for r in requests) and not syncs:
+            # Nothing the server will answer comes after these: ask it for something harmless.
+            requests.append(Request(p.CLOSE, HIDE))
+            out.append(WAKE)
+        return out, requests, syncs, open_batch
+
+    def _parse(self, body: bytes, rewriter: Rewriter, requests: list[Request]) -> bytes:
+        name_end = body.find(b"\0")
+        query_end = body.find(b"\0", name_end + 1)
+        if name_end < 0 or query_end < 0:
+            raise p.ProtocolError("malformed Parse message")
+        found = effects(body[name_end + 1 : query_end])
+        if found is not None:
+            refusal = self._note(found)
+            if refusal is not None:
+                self.skipping = True
+                requests.append(Request(p.PARSE, SYNTH, p.error_response("0A000", refusal)))
+                return b""
+        message = rewriter.parse(body, requests)
+        if message is None:
+            self.skipping = True
+            requests.append(Request(p.PARSE, SYNTH, already_exists(body[:name_end])))
+            return b""
+        return message
+
+    def _query(self, text: bytes, server: ServerStatements, requests: list[Request]) -> bytes | None:
+        found = effects(text)
+        if found is None:
+            requests.append(plain(p.QUERY))
+            return None
+        refusal = self._note(found)
+        if refusal is not None:
+            requests.append(plain(p.QUERY))
+            return p.query(refusing_statement(refusal))
+        prepare = b"".join(self._ensure_sql(entry, server, requests) for entry in found.prepared)
+        message = p.message(b"Q", text + b"\0")
+        retry = None
+        if len(found.prepared) == 1 and found.prepared[0][0] == "execute" and found.single:
+            name = found.prepared[0][1]
+            mine = self.statements.sql.get(name)
+            if mine is not None:
+                again = p.query(f"DEALLOCATE {p.quote_ident(name)};{mine}")
+                retry = Retry(again, b"Q", [message])
+        requests.append(Request(p.QUERY, on_done=self._sql_done(found, server), retry=retry))
+        return prepare + message
+
+    def _note(self, found: Effects) -> str | None:
+        """Record what a statement does to the session; the refusal text if it must not run."""
+        if found.pins:
+            if self.refuse_pins:
+                return refused_feature(set(found.pins))
+            self.features |= found.pins
+            self.pins_changed = True
+            if "load" in found.pins:
+                self.loaded = True
+        if found.unpins:
+            self.pins_changed = True
+        if found.session:
+            self.session_changed = True
+        return None
+
+    # ---------------------------------------------------------------- SQL PREPARE / EXECUTE
+
+    def _ensure_sql(self, entry: tuple, server: ServerStatements, requests: list[Request]) -> bytes:
+        """Before a statement names a SQL prepared statement, make the server's copy the client's.
+
+        The server may hold another client's statement under that name, or none: it must hold
+        exactly this client's (or none, when the client has none), so that EXECUTE, DEALLOCATE and
+        a repeated PREPARE succeed or fail as they would on the client's own session.
+        """
+        if entry[0] == "deallocate_all":
+            return b""
+        name = entry[1]
+        mine = self.statements.sql.get(name)
+        theirs = server.sql.get(name)
+        if theirs == mine:
+            return b""
+        statements = [f"DEALLOCATE {p.quote_ident(name)}"] if theirs is not None else []
+        if mine is not None:
+            statements.append(mine)
+
+        def done(ok: bool) -> None:
+            if ok and mine is not None:
+                server.sql[name] = mine
+            else:
+                server.sql.pop(name, None)
+
+        return self._hidden(";".join(statements), requests, done)
+
+    @staticmethod
+    def _hidden(sql: str, requests: list[Request], done) -> bytes:
+        requests.append(Request(p.QUERY, HIDE, on_done=lambda ok, _r: done(ok)))
+        return p.query(sql)
+
+    def _sql_done(self, found: Effects, server: ServerStatements):
+        def done(ok: bool, _request: Request) -> None:
+            if found.resets_books and ok:
+                self.statements.clear()
+                server.clear()
+            for entry in found.prepared:
+                if entry[0] == "prepare" and ok:
+                    self.statements.sql[entry[1]] = prepare_text(entry)
+                    server.sql[entry[1]] = prepare_text(entry)
+                elif entry[0] == "deallocate" and ok:
+                    self.statements.sql.pop(entry[1], None)
+                    server.sql.pop(entry[1], None)
+
+        return done
+
+    # ---------------------------------------------------------------- between transactions
+
+    def inspection(self, on_read) -> tuple[bytes, Request] | None:
+        """The hidden question to ask before letting go of the server, if anything changed."""
+        settings, pins = self.session_changed, self.pins_changed
+        if not (settings or pins):
+            return None
+        self.session_changed = self.pins_changed = False
+        sink = bytearray()
+
+        def done(ok: bool, _request: Request) -> None:
+            if ok:
+                on_read(self._learn(read_inspection(bytes(sink), settings, pins)))
+
+        return p.query(inspection_query(settings, pins)), Request(p.QUERY, HIDE, sink=sink,
+                                                                   on_done=done)
+
+    def _learn(self, found: Inspection) -> Inspection:
+        if found.settings is not None:
+            # A direct connection keeps its startup parameters through RESET: so do we.
+            self.settings = {**self.startup, **found.settings}
+        if found.pinned_objects is not None:
+            pinned = found.pinned_objects > 0 or self.loaded
+            if pinned and not self.pinned:
+                self.notice_due = True
+            elif not pinned:
+                self.features.clear()
+            self.pinned = pinned
+        return found
+
+    def take_notice(self) -> bytes:
+        if not self.notice_due:
+            return b""
+        self.notice_due = False
+        return pinned_notice(self.features)
+
+
+def prepare_text(entry: tuple) -> str:
+    """The PREPARE statement that re-creates a SQL prepared statement on another connection."""
+    _, name, types, body = entry
+    params = f" ({types})" if types else ""
+    return f"PREPARE {p.quote_ident(name)}{params} AS {body}"
