@@ -1,4 +1,4 @@
-"""Command line: run the daemon, check a configuration, print the version."""
+"""Command line: run the daemon, check a configuration, print the version, import PgBouncer's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from gpooler import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpooler", description="Multi-tenant Postgres pooler")
+    parser = argparse.ArgumentParser(
+        prog="gpooler", description="Multi-tenant Postgres pooler",
+        epilog="gpooler import-pgbouncer PGBOUNCER_INI [USERLIST_TXT]: print the gpooler YAML "
+               "equivalent of a PgBouncer configuration",
+    )
     parser.add_argument(
         "-c", "--config", default=os.environ.get("GPOOLER_CONFIG"),
         help="YAML configuration file (default: $GPOOLER_CONFIG)",
@@ -21,7 +25,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_pgbouncer(argv: list[str]) -> int:
+    """`gpooler import-pgbouncer`: YAML on stdout, what could not be translated on stderr."""
+    parser = argparse.ArgumentParser(
+        prog="gpooler import-pgbouncer",
+        description="Print the gpooler YAML equivalent of a PgBouncer configuration on stdout, "
+                    "and what could not be translated on stderr.",
+    )
+    parser.add_argument("ini", metavar="PGBOUNCER_INI", help="pgbouncer.ini")
+    parser.add_argument("userlist", metavar="USERLIST_TXT", nargs="?",
+                        help="userlist.txt (default: the ini's auth_file)")
+    args = parser.parse_args(argv)
+    import yaml
+
+    from gpooler.pgbouncer_import import PgBouncerIniError, translate_files
+
+    try:
+        document, warnings = translate_files(args.ini, args.userlist)
+    except PgBouncerIniError as exc:
+        print(f"gpooler import-pgbouncer: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(f"# gpooler configuration translated from {args.ini} by gpooler "
+                     f"import-pgbouncer {__version__}\n")
+    sys.stdout.write(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import-pgbouncer"]:
+        return _import_pgbouncer(argv[1:])
     args = _parser().parse_args(argv)
     if not args.config:
         print("gpooler: no configuration file: use -c FILE or set GPOOLER_CONFIG", file=sys.stderr)

@@ -439,6 +439,8 @@ class Setting:
     validate: value -> None; the range check ("must be > 0"). Both raise on a bad value.
     cascade: a tenant or user setting that may also be given in `defaults:`, and (for user
       settings) directly in the tenant mapping; the innermost one wins.
+    unit: shown in the generated docs/configuration.md (scripts/gen-config-docs), e.g. "bytes";
+      None means "seconds" for a number (every float setting is a duration) and none otherwise.
     """
 
     name: str
@@ -448,6 +450,7 @@ class Setting:
     validate: Callable[[Any], None] | None
     doc: str
     cascade: bool = False
+    unit: str | None = None
 
 
 def _default_auth_type(v: Mapping[str, Any]) -> str:
