@@ -137,6 +137,10 @@ class TenantConfig:
     default: bool
     sni_hostname: str | None
     session_features: str
+    load_balance: str
+    max_replica_lag: float
+    read_your_writes: bool
+    health_check_interval: float
     users: Mapping[str, UserConfig]
 
 
@@ -466,6 +470,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MODES = ("session", "transaction")
 _AUTH_TYPES = ("scram-sha-256", "md5", "plain")
 _SESSION_FEATURES = ("pin", "error")
+_LOAD_BALANCE = ("random", "least_busy")
 
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
@@ -525,6 +530,18 @@ SETTINGS: tuple[Setting, ...] = (
             "in transaction mode, a client using LISTEN, session advisory locks, temporary tables, "
             "WITH HOLD cursors or LOAD: pin keeps its server connection until that state is gone; "
             "error refuses the statement with 0A000", cascade=True),
+    Setting("load_balance", "tenant", _choice(*_LOAD_BALANCE), "random", None,
+            "transaction mode: how reads are spread over the primary and the healthy replicas",
+            cascade=True),
+    Setting("max_replica_lag", "tenant", _number, 10.0, _non_negative,
+            "a replica further behind the primary than this gets no reads (0 = no limit)",
+            cascade=True),
+    Setting("read_your_writes", "tenant", _boolean, False, None,
+            "after a client's write, its reads go only to members that have replayed it",
+            cascade=True),
+    Setting("health_check_interval", "tenant", _number, 1.0, _positive,
+            "seconds between probes of each member (role, health, replay position)",
+            cascade=True),
     Setting("users", "tenant", _mapping, REQUIRED, _not_empty, "user name -> user"),
 
     Setting("host", "replica", _string, REQUIRED, _not_empty, "replica address"),

@@ -84,14 +84,14 @@ class Rewriter:
         sname = server_name(definition)
         message = p.message(b"P", sname + b"\0" + definition)
         self.client.parsed[name] = (sname, message)
-        undo = self._forget(name, sname)
         if sname in self.server.parsed:
             self.server.parsed.move_to_end(sname)
+            undo = self._forget(name, sname, server_too=False)
             requests.append(Request(p.PARSE, SYNTH, PARSE_COMPLETE, on_done=undo))
             return b""
         evicted = self._make_room(requests)
         self.server.parsed[sname] = None
-        requests.append(Request(p.PARSE, FORWARD, on_done=undo))
+        requests.append(Request(p.PARSE, FORWARD, on_done=self._forget(name, sname, True)))
         return evicted + message
 
     def bind(self, body: bytes, requests: list[Request]) -> bytes:
@@ -105,7 +105,8 @@ class Rewriter:
             requests.append(plain(p.BIND))
         else:
             again = p.message(b"C", b"S" + sname + b"\0") + known[1]
-            requests.append(Request(p.BIND, retry=Retry(again, b"CP", [message])))
+            requests.append(Request(p.BIND, retry=Retry(again, b"CP", [message]),
+                                    rename=(sname, statement)))
         return prepare + message
 
     def describe(self, body: bytes, requests: list[Request]) -> bytes:
@@ -114,7 +115,8 @@ class Rewriter:
             return p.message(b"D", body)
         statement, _ = _split_name(body[1:])
         prepare, sname = self._ensure(statement, requests)
-        requests.append(plain(p.DESCRIBE))
+        requests.append(Request(p.DESCRIBE, rename=(sname, statement)) if sname != statement
+                        else plain(p.DESCRIBE))
         return prepare + p.message(b"D", b"S" + sname + b"\0")
 
     def close(self, body: bytes, requests: list[Request]) -> bytes:
@@ -151,16 +153,30 @@ class Rewriter:
         closes = []
         while len(server) >= self.server.limit:
             sname, _ = server.popitem(last=False)
-            requests.append(Request(p.CLOSE, HIDE))
+            requests.append(Request(p.CLOSE, HIDE, on_done=self._keep(sname)))
             closes.append(p.message(b"C", b"S" + sname + b"\0"))
         return b"".join(closes)
 
-    def _forget(self, name: bytes, sname: bytes):
+    def _keep(self, sname: bytes):
+        """A Close skipped after an error left the statement on the server: keep it in the books."""
+
+        def undo(ok: bool, _request: Request) -> None:
+            if not ok and sname not in self.server.parsed:
+                self.server.parsed[sname] = None
+                self.server.parsed.move_to_end(sname, last=False)
+
+        return undo
+
+    def _forget(self, name: bytes, sname: bytes, server_too: bool):
+        """A Parse that failed or was skipped: the client's name goes, and the server's statement
+        too when it was this Parse that was to create it."""
+
         def undo(ok: bool, _request: Request) -> None:
             if not ok:
                 if self.client.parsed.get(name, (None,))[0] == sname:
                     del self.client.parsed[name]
-                self.server.parsed.pop(sname, None)
+                if server_too:
+                    self.server.parsed.pop(sname, None)
 
         return undo
 

@@ -57,7 +57,7 @@ def read_inspection(output: bytes, settings: bool, pins: bool) -> Inspection:
             continue
         row = p.parse_data_row(body)
         if len(row) == 2 and row[0] is not None and row[1] is not None:
-            found[row[0].decode()] = row[1].decode()
+            found[row[0].decode().lower()] = row[1].decode()
         elif len(row) == 1 and row[0] is not None:
             count = int(row[0])
     return Inspection(found if settings else None, count if pins else None)

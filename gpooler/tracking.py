@@ -45,7 +45,7 @@ class TrackingError(Exception):
 class Request:
     """One request on the wire, or a synthetic answer standing in for one."""
 
-    __slots__ = ("kind", "action", "payload", "sink", "on_done", "failed", "retry")
+    __slots__ = ("kind", "action", "payload", "sink", "on_done", "failed", "retry", "rename")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class Request:
         sink: bytearray | None = None,
         on_done: Callable[[bool, "Request"], None] | None = None,
         retry: "Retry | None" = None,
+        rename: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.kind = kind
         self.action = action
@@ -63,6 +64,7 @@ class Request:
         self.on_done = on_done
         self.failed = False
         self.retry = retry
+        self.rename = rename  # (server name, client name) of the statement, for its errors
 
 
     def finish(self, ok: bool) -> None:
@@ -185,6 +187,15 @@ class Tracker:
                     sink = _DROP
                 elif kind == _ERROR:
                     request.failed = True
+                    if request.rename is not None and end <= n and sink is None:
+                        # Postgres names the statement as gpooler called it: say the client's name.
+                        if run < i:
+                            out.append(data[run:i])
+                        server_name, client_name = request.rename
+                        body = data[i + 5 : end].replace(b'"' + server_name + b'"',
+                                                         b'"' + client_name + b'"')
+                        out.append(p.message(b"E", body))
+                        run = end
                     if request.kind not in _SYNC_POINTS:
                         # The server skips everything up to the next Sync: so do the books.
                         if action == HIDE and request.sink is None:

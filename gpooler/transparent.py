@@ -31,19 +31,28 @@ _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE))
 class Effects:
     """What a statement text means to the pooler, reduced from the router's classification."""
 
-    __slots__ = ("session", "pins", "unpins", "prepared", "resets_books", "single")
+    __slots__ = ("session", "pins", "unpins", "prepared", "resets_books", "single", "resets")
 
-    def __init__(self, classification: router.Classification, drops: bool) -> None:
+    def __init__(self, classification: router.Classification, may_unpin: bool) -> None:
         statements = classification.statements
         self.single = len(statements) == 1
-        self.session = any(s.session or s.discard for s in statements)
-        self.pins = frozenset().union(*(s.pins for s in statements))
-        # DROP may remove the last temporary table: worth asking the server again.
-        self.unpins = drops or any(s.unpins or s.discard in ("all", "temp") for s in statements)
+        pins = frozenset().union(*(s.pins for s in statements))
+        # set_config with a computed value: the session changed in a way only the server knows.
+        self.session = "set_config" in pins or any(s.session or s.discard for s in statements)
+        self.pins = pins - {"set_config"}
+        # DROP may remove the last temporary table, CLOSE the last held cursor: ask again.
+        self.unpins = may_unpin or any(s.unpins or s.discard in ("all", "temp") for s in statements)
         self.prepared = tuple(s.prepared for s in statements if s.prepared)
         self.resets_books = any(
             s.discard == "all" or (s.prepared and s.prepared[0] == "deallocate_all")
             for s in statements
+        )
+        # RESET names, "*" for RESET ALL / DISCARD ALL: startup parameters come back after them.
+        self.resets = frozenset(
+            effect[1] if effect[0] == "reset" else "*"
+            for s in statements
+            for effect in s.session + ((("reset_all",),) if s.discard == "all" else ())
+            if effect[0] in ("reset", "reset_all")
         )
 
 
@@ -52,10 +61,12 @@ class Effects:
 # all different, so the classifier's cache cannot help them; this test must be cheap.)
 _TRIGGER_WORDS = frozenset(
     b"set reset prepare execute deallocate discard listen unlisten load declare close create drop"
-    .split()
+    b" explain".split()
 )
 _FIRST_WORD = re.compile(rb"\s*([a-z_]+)")  # no match (a comment, a parenthesis): classify
-_ANYWHERE = re.compile(rb"set_config|advisory|pg_temp|;\s*\S")  # calls, or a second statement
+# calls, temporary relations, or a second statement
+_ANYWHERE = re.compile(rb"set_config|advisory|pg_temp|\btemp(?:orary)?\b|;\s*\S")
+_MAY_UNPIN = re.compile(rb"(?i)(?:^|;)\s*(?:drop|close)\b")
 
 
 def effects(text: bytes) -> Effects | None:
@@ -70,8 +81,8 @@ def effects(text: bytes) -> Effects | None:
 
 @functools.lru_cache(maxsize=10000)
 def _classified(text: bytes) -> Effects | None:
-    drops = re.search(rb"(?i)(?:^|;)\s*drop\b", text) is not None
-    found = Effects(router.classify(text.decode("utf-8", "replace")), drops)
+    may_unpin = _MAY_UNPIN.search(text) is not None
+    found = Effects(router.classify(text.decode("utf-8", "replace")), may_unpin)
     if found.session or found.pins or found.unpins or found.prepared:
         return found
     return None
@@ -93,6 +104,8 @@ class ClientSession:
         self.notice_due = False
         self.skipping = False  # after an error gpooler answered, drop messages until Sync
         self.replay: list[bytes] | None = None  # what to send again if a stale plan fails a Bind
+        self.unnamed: Effects | None = None  # effects of the statement last Parse'd unnamed
+        self.in_segment = False  # extended-protocol messages were sent since the last sync point
 
     # ---------------------------------------------------------------- client -> server
 
@@ -103,6 +116,7 @@ class ClientSession:
         if len(items) == 1 and items[0][0] == p.QUERY and not self.skipping:
             # The simple-protocol round trip, by far the most common: no rewriting to do.
             _, buffer, start, end = items[0]
+            self.in_segment = False
             requests = []
             replacement = self._query(buffer[start + 5 : end - 1], server, requests)
             if replacement is None:
@@ -124,15 +138,18 @@ class ClientSession:
             if kind == p.QUERY:
                 syncs += 1
                 open_batch = False
+                self.in_segment = False
                 replacement = self._query(buffer[start + 5 : end - 1], server, requests)
             elif kind == p.SYNC:
                 syncs += 1
                 open_batch = False
                 self.skipping = False
+                self.in_segment = False
                 requests.append(plain(p.SYNC))
             elif kind == p.FUNCTION_CALL:
                 syncs += 1
                 open_batch = False
+                self.in_segment = False
                 requests.append(plain(p.FUNCTION_CALL))
             elif kind in _EXTENDED:
                 open_batch = True
@@ -146,7 +163,12 @@ class ClientSession:
                 elif kind == p.CLOSE:
                     replacement = rewriter.close(body, requests)
                 else:
-                    requests.append(plain(p.EXECUTE))
+                    found = self.unnamed
+                    if found is not None and (found.prepared or found.resets_books):
+                        requests.append(Request(p.EXECUTE, on_done=self._sql_done(found, server)))
+                    else:
+                        requests.append(plain(p.EXECUTE))
+                self.in_segment = True
             replay = self.replay
             if replay is not None:
                 if kind == p.BIND and requests and requests[-1].retry is not None:
@@ -183,18 +205,34 @@ class ClientSession:
         if name_end < 0 or query_end < 0:
             raise p.ProtocolError("malformed Parse message")
         found = effects(body[name_end + 1 : query_end])
+        if name_end == 0:
+            self.unnamed = found  # what the next Execute of the unnamed statement will do
+        ensure = b""
         if found is not None:
             refusal = self._note(found)
             if refusal is not None:
-                self.skipping = True
-                requests.append(Request(p.PARSE, SYNTH, p.error_response("0A000", refusal)))
-                return b""
+                return self._fail(p.error_response("0A000", refusal), requests)
+            if found.prepared and not self.in_segment:
+                # SQL EXECUTE/DEALLOCATE by Parse: the hidden PREPARE replay is a Query, which
+                # may only go where it cannot end an implicit transaction early.
+                ensure = self._ensure_all(found.prepared, rewriter.server, requests)
         message = rewriter.parse(body, requests)
         if message is None:
-            self.skipping = True
-            requests.append(Request(p.PARSE, SYNTH, already_exists(body[:name_end])))
-            return b""
-        return message
+            return self._fail(already_exists(body[:name_end]), requests)
+        return ensure + message
+
+    def _fail(self, error: bytes, requests: list[Request]) -> bytes:
+        """Answer an error gpooler found itself, with the consequences Postgres would give it.
+
+        The error is synthetic, but the transaction (explicit or implicit) must fail as it would on
+        a direct connection: a hidden statement that fails does that, and the messages up to the
+        client's Sync are dropped, as the server would skip them.
+        """
+        self.skipping = True
+        requests.append(Request(p.PARSE, SYNTH, error))
+        sink = bytearray()  # the hidden failure's own error is not the client's news
+        requests.extend(Request(kind, HIDE, sink=sink) for kind in (p.PARSE, p.BIND, p.EXECUTE))
+        return _ABORT
 
     def _query(self, text: bytes, server: ServerStatements, requests: list[Request]) -> bytes | None:
         found = effects(text)
@@ -205,7 +243,7 @@ class ClientSession:
         if refusal is not None:
             requests.append(plain(p.QUERY))
             return p.query(refusing_statement(refusal))
-        prepare = b"".join(self._ensure_sql(entry, server, requests) for entry in found.prepared)
+        prepare = self._ensure_all(found.prepared, server, requests)
         message = p.message(b"Q", text + b"\0")
         retry = None
         if len(found.prepared) == 1 and found.prepared[0][0] == "execute" and found.single:
@@ -215,8 +253,24 @@ class ClientSession:
                 again = p.query(f"DEALLOCATE {p.quote_ident(name)};{mine}")
                 retry = Retry(again, b"Q", [message])
         requests.append(Request(p.QUERY, on_done=self._sql_done(found, server), retry=retry))
-        return prepare + message
+        return prepare + message + self._restore_startup(found, requests)
 
+    def _restore_startup(self, found: Effects, requests: list[Request]) -> bytes:
+        """After RESET of a startup parameter, set it again, as a direct connection keeps it.
+
+        Hidden, but its ParameterStatus reaches the client, which a direct connection would send.
+        """
+        names = self.startup if "*" in found.resets else {
+            k: v for k, v in self.startup.items() if k in found.resets
+        }
+        if not names:
+            return b""
+        calls = ", ".join(
+            f"pg_catalog.set_config({p.quote_literal(k)}, {p.quote_literal(v)}, false)"
+            for k, v in names.items()
+        )
+        requests.append(Request(p.QUERY, HIDE))
+        return p.query("SELECT " + calls)
     def _note(self, found: Effects) -> str | None:
         """Record what a statement does to the session; the refusal text if it must not run."""
         if found.pins:
@@ -233,6 +287,18 @@ class ClientSession:
         return None
 
     # ---------------------------------------------------------------- SQL PREPARE / EXECUTE
+
+    def _ensure_all(self, entries: tuple, server: ServerStatements, requests: list[Request]) -> bytes:
+        """Ensure each named statement, except those the same text PREPAREs before using them."""
+        prepared_here: set[str] = set()
+        pieces = []
+        for entry in entries:
+            if entry[0] != "deallocate_all" and entry[1] in prepared_here:
+                continue
+            pieces.append(self._ensure_sql(entry, server, requests))
+            if entry[0] == "prepare":
+                prepared_here.add(entry[1])
+        return b"".join(pieces)
 
     def _ensure_sql(self, entry: tuple, server: ServerStatements, requests: list[Request]) -> bytes:
         """Before a statement names a SQL prepared statement, make the server's copy the client's.
@@ -315,6 +381,14 @@ class ClientSession:
             return b""
         self.notice_due = False
         return pinned_notice(self.features)
+
+
+_ABORT = (
+    p.message(b"P", b"\0" + p.cstr("DO $$BEGIN RAISE EXCEPTION 'gpooler: refused'; END$$") + b"\0\0")
+    + p.message(b"B", b"\0\0\0\0\0\0\0\0")
+    + p.message(b"E", b"\0\0\0\0\0")
+)
+"""An unnamed statement that fails when executed: it makes the transaction fail for real."""
 
 
 def prepare_text(entry: tuple) -> str:

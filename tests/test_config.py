@@ -66,6 +66,8 @@ def test_minimal_defaults():
     assert (t.id, t.host, t.port, t.database, t.replicas) == ("acme", "db", 5432, "postgres", ())
     assert t.allow_list == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
     assert (t.default, t.sni_hostname, t.session_features) == (False, None, "pin")
+    assert (t.load_balance, t.max_replica_lag, t.read_your_writes, t.health_check_interval) == (
+        "random", 10, False, 1)
     u = t.users["app"]
     assert u == cfg.UserConfig(
         name="app", password="secret", server_user="app", server_password="secret",
