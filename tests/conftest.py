@@ -328,6 +328,18 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture(scope="session")
+def pgbench_db(pg) -> str:
+    """A database initialised by `pgbench -i` directly on the cluster, its tables open to u_scram."""
+    db = "pgbench_shared"
+    pg.psql(f"create database {db}")
+    subprocess.run([os.path.join(pg.bindir, "pgbench"), "-i", "-q", "-h", pg.host, "-p",
+                    str(pg.port), "-U", "postgres", db], check=True, capture_output=True,
+                   timeout=120)
+    pg.psql("grant all on all tables in schema public to u_scram", dbname=db)
+    return db
+
+
 @pytest.fixture
 def base_cfg(pg) -> dict:
     """A fresh base_config(pg) dict (tenant acme, users app/md5user/trustuser/plainuser)."""

@@ -381,27 +381,6 @@ def test_psql(pg, gpooler, mode):
     assert "password authentication failed" in bad.stderr
 
 
-@pytest.fixture(scope="module")
-def pgbench_db(pg):
-    """A fresh database initialised by `pgbench -i` as superuser, directly on the cluster."""
-    db = f"pgb_{uuid.uuid4().hex[:8]}"
-    s = Super(pg)
-    try:
-        s.all(f"create database {db}")
-    finally:
-        s.close()
-    res = subprocess.run(["pgbench", "-i", "-q", "-h", pg.host, "-p", str(pg.port),
-                          "-U", "postgres", db], capture_output=True, text=True, timeout=120,
-                         env=pg_env(None))
-    assert res.returncode == 0, res.stderr
-    s = Super(pg, db)
-    try:
-        s.all("grant all on all tables in schema public to u_scram")
-    finally:
-        s.close()
-    return db
-
-
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_pgbench(pg, gpooler, pgbench_db, protocol):
     h = gpooler(base_config(pg))

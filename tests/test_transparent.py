@@ -1239,27 +1239,6 @@ def test_psycopg2_sql_prepare_execute(crowded):
     run_threads(client)
 
 
-@pytest.fixture(scope="module")
-def pgbench_db(pg):
-    """A fresh database initialised by `pgbench -i` as superuser, directly on the cluster."""
-    db = unique("pgbt")
-    s = Super(pg)
-    try:
-        s.all(f"create database {db}")
-    finally:
-        s.close()
-    res = subprocess.run(["pgbench", "-i", "-q", "-h", pg.host, "-p", str(pg.port),
-                          "-U", "postgres", db], capture_output=True, text=True, timeout=120,
-                         env=pg_env(None))
-    assert res.returncode == 0, res.stderr
-    s = Super(pg, db)
-    try:
-        s.all("grant all on all tables in schema public to u_scram")
-    finally:
-        s.close()
-    return db
-
-
 def test_pgbench_prepared(pg, gpooler, pgbench_db):
     h = gpooler(config(pg, pool_size=3, checkout_timeout=30))
     # One thread per client: pgbench prepares with the synchronous PQprepare, so a client waiting
