@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -75,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{args.config}: configuration OK")
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gpooler import logs
+
+    logs.setup(config)
     if config.workers > 1:
         from gpooler.supervisor import Supervisor
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from gpooler import protocol as p
+from gpooler import logs, protocol as p
 from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
@@ -55,6 +55,8 @@ class Client:
         self.hangup_reason = ""
         self.partial = False  # a message was forwarded in part: the server must not be reused
         self.session: ClientSession | None = None  # transaction mode: the session gpooler keeps
+        self.login_name = ""  # the user name as sent, for the log
+        self.busy_since = self.xact_start = self.last_request = 0.0  # stats.py: monotonic times
 
     @property
     def peer(self) -> str:
@@ -63,7 +65,8 @@ class Client:
 
     def describe(self) -> str:
         if self.login is None:
-            return f"addr={self.peer}"
+            name = f"user={logs.safe(self.login_name)} " if self.login_name else ""
+            return f"{name}addr={self.peer}"
         return (
             f"tenant={self.login.tenant.id} user={self.login.user.name} addr={self.peer} "
             f"db={self.login.database} mode={self.mode}"
@@ -74,10 +77,12 @@ class Client:
     def run(self, first_packet: p.Startup) -> None:
         """Serve the client until it leaves; every outcome is logged once, on one line."""
         reason = "client closed the connection"
+        self.login_name = first_packet.params.get("user", "")
         try:
             with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "startup timed out")):
                 self._startup(first_packet)
-            log.info("client connected: %s", self.describe())
+            log.info("client connected: %s", self.describe(), extra=logs.client_fields(self))
+            self.daemon.stats.logged_in(self)
             if self.session is not None:
                 self._relay_transactions()
             else:
@@ -94,17 +99,19 @@ class Client:
         except ClientGone as exc:
             reason = str(exc) or reason
         except OSError as exc:
-            reason = f"connection error: {exc.strerror or exc}"
+            reason = self.hangup_reason or f"connection error: {exc.strerror or exc}"
         except Exception:
             log.exception("client %s failed", self.describe())
             reason = "internal error"
             self._send_quietly(p.error_response("XX000", "internal error in gpooler", "FATAL"))
         finally:
             self._finish()
+            self.daemon.stats.client_done(self, reason)
             duration = time.monotonic() - self.connected_at
             level = logging.INFO if self.login is not None or "refused" in reason else logging.DEBUG
             log.log(level, "client disconnected: %s duration=%.1fs reason=%s",
-                    self.describe(), duration, reason)
+                    self.describe(), duration, reason,
+                    extra=logs.client_fields(self, duration, reason))
 
     def _finish(self) -> None:
         self.closing = True
@@ -228,10 +235,15 @@ class Client:
     # ---------------------------------------------------------------- server connections
 
     def _checkout(self, pool: Pool) -> Backend:
+        pool.stats.waiting[self] = start = time.monotonic()
         try:
+            if self.daemon.pause.active:
+                self.daemon.pause.wait(self)
             return pool.checkout(self.login.user.pool_checkout_timeout)
         except PoolTimeout as exc:
             raise Refusal("53300", str(exc)) from None
+        finally:
+            pool.stats.waited(self, start)
 
     def _acquire(self, learn: bool = False) -> Backend:
         """Check out a server connection and bring it to this client's session settings.
@@ -258,12 +270,15 @@ class Client:
 
     # Called on the server connection's greenlet.
     def forward(self, data: bytes) -> None:
+        self.pool.stats.bytes_out += len(data)
         try:
             send_all(self.sock, data)
         except OSError:
             self._hang_up("client connection lost")
 
     def on_ready(self, server: Backend, status: int) -> None:
+        if self.busy_since:
+            self.pool.stats.ready(self, status)
         if status != IDLE:
             return
         session = self.session
@@ -319,12 +334,14 @@ class Client:
     def _relay(self) -> None:
         recv = self.sock.recv
         walk = p.walk_client
+        stats = self.pool.stats
         carry = b""
         pos = 0
         while True:
             data = recv(RECV_SIZE)
             if not data or self.closing:
                 raise ClientGone(self.hangup_reason)
+            stats.bytes_in += len(data)
             if carry:
                 data = carry + data
                 carry = b""
@@ -349,6 +366,9 @@ class Client:
                         server = self.server = self._acquire()
                 if data:
                     server.pending += syncs
+                    stats.query_count += syncs
+                    if not self.busy_since:
+                        stats.busy(self)
                     if open_batch is not None:
                         server.open_batch = open_batch
                     self.partial = pos > 0
@@ -364,10 +384,12 @@ class Client:
         recv = self.sock.recv
         reader = p.MessageReader()
         session = self.session
+        stats = self.pool.stats
         while True:
             data = recv(RECV_SIZE)
             if not data or self.closing:
                 raise ClientGone(self.hangup_reason)
+            stats.bytes_in += len(data)
             items = reader.feed(data)
             if not items:
                 continue
@@ -383,6 +405,9 @@ class Client:
                 server = self.server = self._acquire()
             pieces, requests, syncs, open_batch = session.translate(items, server.statements)
             server.pending += syncs
+            stats.query_count += syncs
+            if not self.busy_since:
+                stats.busy(self)
             if open_batch is not None:
                 server.open_batch = open_batch
             self.partial = reader.streaming

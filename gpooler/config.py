@@ -151,6 +151,7 @@ class Config:
     workers: int
     shutdown_timeout: float
     log_level: str
+    log_format: str
     statsd: StatsdConfig | None
     tls: TlsConfig | None
     tenants: Mapping[str, TenantConfig]
@@ -467,6 +468,7 @@ def _default_server_password(v: Mapping[str, Any]) -> str | None:
 
 _ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 _MODES = ("session", "transaction")
 _AUTH_TYPES = ("scram-sha-256", "md5", "plain")
 _SESSION_FEATURES = ("pin", "error")
@@ -485,6 +487,9 @@ SETTINGS: tuple[Setting, ...] = (
             "on SIGTERM, seconds running transactions get to finish before connections are closed"),
     Setting("log_level", "global", _choice(*_LOG_LEVELS), "info", None,
             "one of: " + ", ".join(_LOG_LEVELS)),
+    Setting("log_format", "global", _choice(*_LOG_FORMATS), "text", None,
+            "text: one line per event; json: one JSON object per line with time, level, logger, "
+            "message and the fields tenant, user, addr, db, mode, duration, reason when known"),
     Setting("statsd", "global", _section("statsd"), None, None,
             "optional: push counters to a StatsD server"),
     Setting("tls", "global", _section("tls"), None, None,

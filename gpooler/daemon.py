@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gpooler import listener
+from gpooler import admin, listener, logs
 from gpooler.cancel import CancelKeys
 from gpooler.client import Client
 from gpooler.config import (
@@ -30,6 +30,7 @@ from gpooler.config import (
 from gpooler.login import Login, Refusal
 from gpooler.pool import Pool, Target
 from gpooler.protocol import CancelKey
+from gpooler.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Daemon:
         self.stopping = False
         self._done = Event()
         self._idle = Event()
+        self.stats = Stats(self)  # counters and the StatsD push (stats.py)
+        self.pause = admin.Pause()  # PAUSE/RESUME on the admin console
 
     # ---------------------------------------------------------------- run
 
@@ -76,6 +79,8 @@ class Daemon:
         sockets = self._sockets or [(listener.bind(e), e) for e in self.config.listen]
         for sock, entry in sockets:
             self.servers.append(listener.start(self, sock, entry))
+        self.servers += admin.start(self)
+        self.stats.configure(self.config.statsd)
         self.cancel_keys.listen_for_peers()
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.terminate))
@@ -87,15 +92,17 @@ class Daemon:
         self._done.wait()
         return 0
 
-    def reload(self) -> None:
-        """Re-read the YAML; keep the old configuration when the new one is not valid."""
+    def reload(self) -> str | None:
+        """Re-read the YAML; keep the old configuration when the new one is not valid (and
+        return what is wrong with it)."""
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("configuration reload failed: %s", str(exc).replace("\n", "; "))
-            return
+            return str(exc).replace("\n", "; ")
         self.apply(config)
-        logging.getLogger().setLevel(config.log_level.upper())
+        logs.apply(config)
+        self.stats.configure(config.statsd)
         log.info("configuration reloaded from %s", self.config_path)
 
     def apply(self, config: Config) -> None:
@@ -130,6 +137,7 @@ class Daemon:
             server = client.server
             if server is None or (server.pending <= 0 and server.status == ord("I")):
                 client.shut_down()
+        self.pause.wake()  # paused clients were just shut down: let them leave
         if self.cancel_keys.clients() and not self._idle.wait(timeout or None):
             log.info("shutdown timeout reached: closing remaining clients")
         self._close_everything()

@@ -15,6 +15,7 @@ from gevent import Timeout
 from gevent.event import AsyncResult
 
 from gpooler.backend import Backend, ServerError
+from gpooler.stats import PoolStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Pool:
         self.waiters: deque[AsyncResult] = deque()
         self.server_params: dict[str, str] | None = None
         self.reported: dict[tuple[str, str], dict[str, str]] = {}  # setting -> ParameterStatus seen
+        self.stats = PoolStats()
 
     @property
     def total(self) -> int:
