@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import gevent
 
 from gpooler import protocol as p
+from gpooler import tls
 from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
@@ -163,7 +164,8 @@ class Client:
     def _startup(self, startup: p.Startup) -> None:
         daemon = self.daemon
         with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "authentication timed out")):
-            login = resolve(daemon.config, startup.params)
+            login = resolve(daemon.config, startup.params, tls.sni_host(self.sock))
+            tls.check_required(login.tenant, self.sock)
             check_address(login.tenant, self.address[0])
             self.login = login
             if startup.minor > 0 or any(k.startswith("_pq_.") for k in startup.params):

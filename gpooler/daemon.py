@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gpooler import listener
+from gpooler import listener, tls
 from gpooler.cancel import CancelKeys
 from gpooler.client import Client
 from gpooler.config import (
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def pool_target(tenant: TenantConfig, user: UserConfig, database: str) -> Target:
-    return Target(tenant.host, tenant.port, user.server_user, user.server_password, database)
+    return Target(tenant.host, tenant.port, user.server_user, user.server_password, database,
+                  tls.server_tls(tenant))
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Daemon:
     ) -> None:
         self.config_path = config_path
         self.config = config
+        self.tls = tls.Tls(config)
         self.worker = worker
         self._sockets = sockets
         self.pools: dict[tuple[str, str, str], Pool] = {}
@@ -95,6 +97,7 @@ class Daemon:
             log.error("configuration reload failed: %s", str(exc).replace("\n", "; "))
             return
         self.apply(config)
+        self.tls.reload(config)
         logging.getLogger().setLevel(config.log_level.upper())
         log.info("configuration reloaded from %s", self.config_path)
 

@@ -15,6 +15,7 @@ from gevent import Timeout
 from gevent.event import AsyncResult
 
 from gpooler.backend import Backend, ServerError
+from gpooler.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Target:
     user: str
     password: str | None
     database: str
+    tls: ServerTls = ServerTls()
 
 
 class Pool:
