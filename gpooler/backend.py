@@ -18,6 +18,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from gpooler import protocol as p
+from gpooler import tls
 from gpooler.auth import AuthUnsupported, ServerAuth
 from gpooler.prepared import ServerStatements
 from gpooler.sockets import send_all
@@ -111,6 +112,7 @@ class Backend:
             )):
                 sock = socket.create_connection(address)
                 try:
+                    sock = tls.connect_server(sock, pool.target.tls, host)
                     server = cls(sock, address, pool)
                     server._login(user, password, database)
                 except BaseException:

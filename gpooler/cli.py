@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     monkey.patch_all()
     from gpooler.config import ConfigError, load_config
+    from gpooler.tls import TlsError, check_files
 
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        check_files(config)
+    except (ConfigError, TlsError) as exc:
         print(exc, file=sys.stderr)
         return 1
     if args.check:

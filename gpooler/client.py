@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from gpooler import logs, protocol as p
+from gpooler import logs, tls
+from gpooler import protocol as p
 from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
@@ -170,7 +171,8 @@ class Client:
     def _startup(self, startup: p.Startup) -> None:
         daemon = self.daemon
         with gevent.Timeout(STARTUP_TIMEOUT, Refusal("08P01", "authentication timed out")):
-            login = resolve(daemon.config, startup.params)
+            login = resolve(daemon.config, startup.params, tls.sni_host(self.sock))
+            tls.check_required(login.tenant, self.sock)
             check_address(login.tenant, self.address[0])
             self.login = login
             if startup.minor > 0 or any(k.startswith("_pq_.") for k in startup.params):

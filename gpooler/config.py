@@ -136,6 +136,9 @@ class TenantConfig:
     allow_list: tuple[IPNetwork, ...]
     default: bool
     sni_hostname: str | None
+    enforce_ssl: bool
+    server_tls: str
+    server_tls_ca_file: str | None
     session_features: str
     load_balance: str
     max_replica_lag: float
@@ -473,6 +476,7 @@ _MODES = ("session", "transaction")
 _AUTH_TYPES = ("scram-sha-256", "md5", "plain")
 _SESSION_FEATURES = ("pin", "error")
 _LOAD_BALANCE = ("random", "least_busy")
+_SERVER_TLS = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
@@ -531,6 +535,17 @@ SETTINGS: tuple[Setting, ...] = (
             "the tenant for clients that name none (at most one tenant)"),
     Setting("sni_hostname", "tenant", _hostname, None, _no_whitespace,
             "TLS SNI name that selects this tenant"),
+    Setting("enforce_ssl", "tenant", _boolean, False, None,
+            "refuse clients of this tenant that connect without TLS (28000); needs tls:",
+            cascade=True),
+    Setting("server_tls", "tenant", _choice(*_SERVER_TLS), "prefer", None,
+            "TLS towards Postgres: disable; prefer (TLS when the server offers it, unverified); "
+            "require (TLS or fail, unverified); verify-ca (the certificate must chain to "
+            "server_tls_ca_file); verify-full (verify-ca and the host name must match)",
+            cascade=True),
+    Setting("server_tls_ca_file", "tenant", _string, None, _not_empty,
+            "PEM CA certificates that verify-ca and verify-full trust (default: the system's); "
+            "relative to the config file", cascade=True),
     Setting("session_features", "tenant", _choice(*_SESSION_FEATURES), "pin", None,
             "in transaction mode, a client using LISTEN, session advisory locks, temporary tables, "
             "WITH HOLD cursors or LOAD: pin keeps its server connection until that state is gone; "
@@ -774,7 +789,8 @@ def _expand(node: Any, path: str, environ: Mapping[str, str], errors: list[str])
 
 
 def _cross_checks(config: dict[str, Any], errors: list[str]) -> None:
-    """Rules that span records: duplicate sockets, one default tenant, unique SNI names."""
+    """Rules that span records: duplicate sockets, one default tenant, unique SNI names, TLS for
+    tenants that insist on it."""
     seen: dict[tuple[str, int], str] = {}
     for i, entry in enumerate(config["listen"]):
         where = f"listen[{i}]"
@@ -797,6 +813,10 @@ def _cross_checks(config: dict[str, Any], errors: list[str]) -> None:
             if tenant.sni_hostname in sni:
                 errors.append(f"{path}.sni_hostname: already used by {sni[tenant.sni_hostname]}")
             sni.setdefault(tenant.sni_hostname, path)
+    enforcing = [t.id for t in config["tenants"].values() if t.enforce_ssl]
+    if enforcing and config["tls"] is None:
+        errors.append(f"tls: is required (cert_file, key_file) when a tenant sets enforce_ssl "
+                      f"({', '.join(enforcing)})")
 
 
 # ------------------------------------------------------------------------------- public API
@@ -854,8 +874,8 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and parse the YAML file at `path`; environ defaults to os.environ.
 
     An unreadable file or a YAML syntax error is a ConfigError naming the file (and line), so
-    callers have a single exception to report. Relative TLS file names are taken relative to
-    the config file, so the config works whatever the daemon's working directory.
+    callers have a single exception to report. Relative TLS file names (tls:, server_tls_ca_file)
+    are taken relative to the config file, so the config works whatever the daemon's working directory.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -874,8 +894,12 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: {e}"]) from None
     config = parse_config(document, os.environ if environ is None else environ)
+    base = os.path.dirname(os.path.abspath(path))
     if config.tls is not None:
-        base = os.path.dirname(os.path.abspath(path))
         config = replace(config, tls=TlsConfig(os.path.join(base, config.tls.cert_file),
                                                os.path.join(base, config.tls.key_file)))
+    if any(t.server_tls_ca_file for t in config.tenants.values()):
+        config = replace(config, tenants=FrozenDict({
+            k: replace(t, server_tls_ca_file=os.path.join(base, t.server_tls_ca_file))
+            if t.server_tls_ca_file else t for k, t in config.tenants.items()}))
     return config

@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gpooler import admin, listener, logs
+from gpooler import admin, listener, logs, tls
 from gpooler.cancel import CancelKeys
 from gpooler.client import Client
 from gpooler.config import (
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def pool_target(tenant: TenantConfig, user: UserConfig, database: str) -> Target:
-    return Target(tenant.host, tenant.port, user.server_user, user.server_password, database)
+    return Target(tenant.host, tenant.port, user.server_user, user.server_password, database,
+                  tls.server_tls(tenant))
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Daemon:
     ) -> None:
         self.config_path = config_path
         self.config = config
+        self.tls = tls.Tls(config)
         self.worker = worker
         self._sockets = sockets
         self.pools: dict[tuple[str, str, str], Pool] = {}
@@ -103,6 +105,7 @@ class Daemon:
         self.apply(config)
         logs.apply(config)
         self.stats.configure(config.statsd)
+        self.tls.reload(config)
         log.info("configuration reloaded from %s", self.config_path)
 
     def apply(self, config: Config) -> None:

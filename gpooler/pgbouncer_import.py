@@ -200,7 +200,7 @@ class Rule:
     reason: str = ""
     handled: bool = False
     future: tuple[str, ...] = ()
-    kind: str = "str"  # "seconds" | "int" | "str"
+    kind: str = "str"  # "seconds" | "int" | "str" | "path" (made absolute, relative to the ini)
     harmless: tuple[str, ...] = ()
 
 
@@ -209,6 +209,8 @@ _LOGS = "gpooler logs to stderr only: let the service manager (systemd, docker) 
 _NO_UNIX = "gpooler listens on TCP only, not on a Unix socket"
 _DNS = "gpooler resolves host names with the system resolver at each new server connection"
 _NO_AUTH_QUERY = "gpooler cannot look passwords up in Postgres: every user must be in the YAML"
+_NO_SERVER_CERT = "gpooler presents no client certificate to Postgres"
+_SERVER_TLS_DEFAULTS = "gpooler speaks TLS 1.2 or later to Postgres, with OpenSSL's default ciphers"
 _LIMITS = ("gpooler's limits are pool_size per (tenant, user, database) and max_clients per "
            "(tenant, user)")
 
@@ -325,20 +327,18 @@ RULES: dict[str, Rule] = {
     "client_tls13_ciphers": _H,
     "client_tls_ecdhcurve": _H,
     "client_tls_dheparams": _H,
-    "server_tls_sslmode": _future("str", "server_tls_sslmode", "sslmode", harmless=("disable",),
-                                  reason="gpooler connects to Postgres without TLS"),
-    "server_tls_ca_file": _future("str", "server_tls_ca_file",
-                                  reason="gpooler connects to Postgres without TLS"),
+    "server_tls_sslmode": _future("str", "server_tls", harmless=("prefer",)),
+    "server_tls_ca_file": _future("path", "server_tls_ca_file"),
     "server_tls_key_file": _future("str", "server_tls_key_file",
-                                   reason="gpooler connects to Postgres without TLS"),
+                                   reason=_NO_SERVER_CERT),
     "server_tls_cert_file": _future("str", "server_tls_cert_file",
-                                    reason="gpooler connects to Postgres without TLS"),
-    "server_tls_protocols": _future("str", "server_tls_protocols",
-                                    reason="gpooler connects to Postgres without TLS"),
-    "server_tls_ciphers": _future("str", "server_tls_ciphers",
-                                  reason="gpooler connects to Postgres without TLS"),
+                                    reason=_NO_SERVER_CERT),
+    "server_tls_protocols": _future("str", "server_tls_protocols", harmless=("secure",),
+                                    reason=_SERVER_TLS_DEFAULTS),
+    "server_tls_ciphers": _future("str", "server_tls_ciphers", harmless=("default",),
+                                  reason=_SERVER_TLS_DEFAULTS),
     "server_tls13_ciphers": _future("str", "server_tls13_ciphers",
-                                    reason="gpooler connects to Postgres without TLS"),
+                                    reason=_SERVER_TLS_DEFAULTS),
     # dangerous timeouts
     "query_timeout": _future("seconds", "query_timeout", harmless=("0",)),
     "query_wait_timeout": _H,
@@ -564,6 +564,14 @@ class _Translator:
         except ValueError:
             self.warn(value.where, subject, f"invalid value {value.text!r}: ignored")
             return
+        if rule.kind == "path":
+            converted = os.path.normpath(os.path.join(self.ini_dir, str(converted).strip()))
+        if key == "server_tls_sslmode":
+            converted = str(converted).strip().lower()
+            if converted == "allow":
+                self.warn(value.where, subject, "allow: gpooler has no such mode: translated as "
+                                                "prefer (TLS when the server offers it)")
+                converted = "prefer"
         if key == "server_lifetime" and converted == 0:
             self.warn(value.where, subject, "0 (use each server connection once) has no gpooler "
                                             "equivalent: not translated")
@@ -990,9 +998,12 @@ class _Translator:
                for k, v in files.items()}
         levels = ("tls",)
         if mode in ("require", "verify-ca", "verify-full"):
-            setting = _find_setting(("sslmode", "mode"), levels)
-            if setting is not None:
-                tls[setting.name] = mode
+            setting = _find_setting(("enforce_ssl",), ("tenant",))
+            if setting is not None and setting.cascade:
+                self.defaults[setting.name] = True
+                if mode != "require":
+                    self.warn(mode_value.where, subject, f"{mode}: gpooler requires TLS "
+                              "(enforce_ssl) but does not ask clients for certificates")
             else:
                 self.warn(mode_value.where, subject, f"{mode}: not supported by this gpooler "
                           "version: clients may still connect without TLS")

@@ -16,6 +16,7 @@ from gevent.event import AsyncResult
 
 from gpooler.backend import Backend, ServerError
 from gpooler.stats import PoolStats
+from gpooler.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Target:
     user: str
     password: str | None
     database: str
+    tls: ServerTls = ServerTls()
 
 
 class Pool:

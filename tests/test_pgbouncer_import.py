@@ -358,12 +358,39 @@ def test_client_tls(tmp_path):
         '"u" "pw"', str(tmp_path))
     assert doc["tls"]["cert_file"] == str(tmp_path / "tls" / "server.crt")
     assert doc["tls"]["key_file"] == "/etc/ssl/server.key"
-    if not any(s.level == "tls" and s.name in ("sslmode", "mode") for s in gpconfig.SETTINGS):
-        assert warned(warnings, "client_tls_sslmode", "require", "without TLS")
+    assert doc["defaults"]["enforce_ssl"] is True  # require: no plaintext clients
+    assert not warned(warnings, "client_tls_sslmode")
     assert not warned(warnings, "client_tls_protocols")  # the default
+    parse_config(doc, {})
+    doc, warnings = pi.translate(
+        small("client_tls_sslmode = verify-full\nclient_tls_cert_file = c\nclient_tls_key_file = k"),
+        '"u" "pw"', "/")
+    assert doc["defaults"]["enforce_ssl"] is True
+    assert warned(warnings, "client_tls_sslmode", "verify-full", "certificates")
+    doc, _ = pi.translate(small("client_tls_sslmode = prefer\nclient_tls_cert_file = c\n"
+                                "client_tls_key_file = k"), '"u" "pw"', "/")
+    assert "enforce_ssl" not in doc["defaults"]
     doc, _ = pi.translate(small("client_tls_cert_file = a\nclient_tls_key_file = b"),
                           '"u" "pw"', "/")
     assert "tls" not in doc  # sslmode disable (the default): PgBouncer ignores the files too
+
+
+def test_server_tls(tmp_path):
+    doc, warnings = pi.translate(
+        small("server_tls_sslmode = verify-full\nserver_tls_ca_file = certs/root.crt\n"
+              "server_tls_key_file = client.key\nserver_tls_protocols = secure"),
+        '"u" "pw"', str(tmp_path))
+    assert doc["defaults"]["server_tls"] == "verify-full"
+    assert doc["defaults"]["server_tls_ca_file"] == str(tmp_path / "certs" / "root.crt")
+    assert warned(warnings, "server_tls_key_file", "client certificate")
+    assert not warned(warnings, "server_tls_sslmode") and not warned(warnings, "protocols")
+    parse_config(doc, {})
+    doc, warnings = pi.translate(small(), '"u" "pw"', "/")
+    assert "server_tls" not in doc["defaults"]  # PgBouncer's default, prefer, is gpooler's too
+    for mode, expected in (("disable", "disable"), ("prefer", None), ("allow", "prefer")):
+        doc, warnings = pi.translate(small(f"server_tls_sslmode = {mode}"), '"u" "pw"', "/")
+        assert doc["defaults"].get("server_tls") == expected, mode
+        assert bool(warned(warnings, "server_tls_sslmode")) == (mode == "allow"), warnings
 
 
 def test_settings_gpooler_gains_are_carried_over(monkeypatch):
