@@ -60,6 +60,8 @@ class Owner(Protocol):
 
     def server_lost(self, server: "Backend") -> None: ...
 
+    def on_server_error(self, body: bytes) -> None: ...
+
 
 class Backend:
     """A logged-in server connection and the state the pooler must know about it."""
@@ -83,6 +85,7 @@ class Backend:
         self.tracker = Tracker()
         self.tracker.can_send = lambda: not self.write_lock.locked()
         self.tracker.send = self.ask
+        self.tracker.on_error = self._answered_error
         self.statements = ServerStatements(pool.max_prepared)
         self.write_lock = Semaphore()
         self.created = self.last_used = time.monotonic()
@@ -181,6 +184,11 @@ class Backend:
             except OSError:
                 self.close()
                 raise ServerError.unreachable("server connection lost") from None
+
+    def _answered_error(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.on_server_error(body)
 
     def ask(self, data: bytes, requests: list[Request]) -> bool:
         """Send gpooler's own requests from the pump's side, unless the client is sending now.

@@ -20,9 +20,10 @@ from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
+from gpooler.replicas import Topology
 from gpooler.session_state import Inspection
 from gpooler.sockets import ClientGone, close_after, recv_exact, send_all
-from gpooler.transparent import ClientSession
+from gpooler.transparent import ClientSession, target_statement
 
 if TYPE_CHECKING:
     from gpooler.daemon import Daemon
@@ -55,6 +56,7 @@ class Client:
         self.hangup_reason = ""
         self.partial = False  # a message was forwarded in part: the server must not be reused
         self.session: ClientSession | None = None  # transaction mode: the session gpooler keeps
+        self.topology: Topology | None = None  # the tenant's primary and replicas, if it has any
 
     @property
     def peer(self) -> str:
@@ -120,7 +122,7 @@ class Client:
     def _give_back(self, server: Backend) -> None:
         """Return a server connection clean, or close it: never hand on a dirty session."""
         server.detach()
-        pool = self.pool
+        pool = server.pool
         if not server.broken:
             session = self.session
             if (
@@ -177,12 +179,13 @@ class Client:
         pool = self.pool = daemon.pool_for(login)
         if self.transaction_mode:
             self.session = ClientSession(login.settings, login.tenant.session_features == "error")
+        self.topology = daemon.topologies.get(login.tenant.id)
         if not self.transaction_mode:
-            self.server = self._acquire(learn=True)
+            self.server = self._acquire(self._primary_pool(), learn=True)
         elif pool.server_params is None or any(
             item not in pool.reported for item in login.settings.items()
         ):
-            pool.checkin(self._acquire(learn=True))
+            pool.checkin(self._acquire(pool, learn=True))
         self.key = daemon.register(self)
         reply = [p.auth_request(p.AUTH_OK)]
         reply += [p.parameter_status(k, v) for k, v in self._reported(pool).items()]
@@ -233,14 +236,48 @@ class Client:
         except PoolTimeout as exc:
             raise Refusal("53300", str(exc)) from None
 
-    def _acquire(self, learn: bool = False) -> Backend:
+    def _primary_pool(self) -> Pool:
+        """Where writes go: the tenant's current primary, which may not be the YAML's host."""
+        if self.topology is None:
+            return self.pool
+        return self.daemon.pool_for(self.login, self.topology.primary())
+
+    def _route(self, items: list) -> Backend:
+        """A server connection for what the client just sent: a replica when it may read there.
+
+        A replica that cannot be reached is taken out of rotation and the primary is used: nothing
+        was sent yet, so the client never notices.
+        """
+        topology = self.topology
+        session = self.session
+        if topology is None:
+            return self._acquire(self.pool)
+        reader = session.wants_reader(items)
+        if reader:
+            tenant = self.login.tenant
+            min_lsn = session.min_lsn if tenant.read_your_writes else 0
+            member = topology.choose_reader(tenant.load_balance, min_lsn, reader == "replica")
+            if member is not topology.primary():
+                try:
+                    server = self._acquire(self.daemon.pool_for(self.login, member))
+                except ServerError as exc:
+                    topology.mark_down(member, str(exc))
+                else:
+                    member.routed += 1
+                    return server
+        primary = topology.primary()
+        server = self._acquire(self.daemon.pool_for(self.login, primary))
+        primary.routed += 1
+        session.wrote = True
+        return server
+
+    def _acquire(self, pool: Pool, learn: bool = False) -> Backend:
         """Check out a server connection and bring it to this client's session settings.
 
         With learn, what Postgres reports back for the settings is remembered in the pool: it
         validates them as Postgres would at startup, and it spells them as a direct connection
         would tell the client (`utf-8` becomes `UTF8`).
         """
-        pool = self.pool
         server = self._checkout(pool)
         settings = self.session.settings if self.session is not None else self.login.settings
         try:
@@ -270,10 +307,12 @@ class Client:
         if self.daemon.stopping:
             self.shut_down()
         elif session is not None and self.server is server:
-            question = session.inspection(lambda found: self._inspected(server, found))
+            wal = session.wrote and self.topology is not None and self.login.tenant.read_your_writes
+            question = session.inspection(lambda found: self._inspected(server, found), wal)
             if question is not None:
                 if not server.ask(question[0], [question[1]]):
                     session.session_changed = session.pins_changed = True
+                    session.wrote = wal
                 return
             notice = session.take_notice()
             if notice:
@@ -281,7 +320,12 @@ class Client:
             if not session.pinned:
                 self.server = None
                 server.detach()
-                self.pool.checkin(server)
+                server.pool.checkin(server)
+
+    def on_server_error(self, body: bytes) -> None:
+        """A write met a server in recovery: the primary moved, find it now."""
+        if self.topology is not None and p.parse_fields(body).get("C") == "25006":
+            self.topology.reprobe()
 
     def _inspected(self, server: Backend, found: Inspection) -> None:
         if found.settings is not None:
@@ -290,7 +334,7 @@ class Client:
     def server_lost(self, server: Backend) -> None:
         if self.server is server:
             self.server = None
-            self.pool.checkin(server)
+            server.pool.checkin(server)
             self._hang_up(
                 "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
             )
@@ -373,14 +417,14 @@ class Client:
                 continue
             server = self.server
             if server is None:
-                if all(item[0] == p.SYNC or item[0] == p.FLUSH for item in items):
-                    syncs = sum(1 for item in items if item[0] == p.SYNC)
-                    if syncs:
-                        self.sock.sendall(_READY_IDLE * syncs)
+                answer = self._answer_locally(items)
+                if answer is not None:
+                    if answer:
+                        self.sock.sendall(answer)
                     continue
                 if items[0][0] == p.TERMINATE:
                     raise ClientGone("client terminated the session")
-                server = self.server = self._acquire()
+                server = self.server = self._route(items)
             pieces, requests, syncs, open_batch = session.translate(items, server.statements)
             server.pending += syncs
             if open_batch is not None:
@@ -390,3 +434,18 @@ class Client:
                 server.send(pieces[0] if len(pieces) == 1 else b"".join(pieces), requests)
             if items[-1][0] == p.TERMINATE:
                 raise ClientGone("client terminated the session")
+
+    def _answer_locally(self, items: list) -> bytes | None:
+        """What gpooler answers without a server: Sync, Flush and gpooler.target; else None."""
+        answer = []
+        for kind, buffer, start, end in items:
+            if kind == p.QUERY:
+                statement = target_statement(buffer[start + 5 : end - 1])
+                if statement is None:
+                    return None
+                answer.append(self.session.answer_target(statement) + _READY_IDLE)
+            elif kind == p.SYNC:
+                answer.append(_READY_IDLE)
+            elif kind != p.FLUSH:
+                return None
+        return b"".join(answer)

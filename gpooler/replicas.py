@@ -126,11 +126,20 @@ class Topology:
             fit.append(member)
         return fit or [primary]
 
-    def choose_reader(self, policy: str, min_lsn: int = 0) -> Member:
+    def choose_reader(self, policy: str, min_lsn: int = 0, replicas_only: bool = False) -> Member:
+        """A member to read from; replicas_only (SET gpooler.target = replica) leaves the primary
+        out unless no replica is fit."""
         fit = self.readers(min_lsn)
+        if replicas_only:
+            fit = [m for m in fit if m.role == "replica"] or fit
         if policy == "least_busy":
             return min(fit, key=lambda m: (m.busy, random.random()))
         return random.choice(fit)
+
+    def mark_down(self, member: Member, why: str) -> None:
+        """A connection to member just failed: out of rotation until a probe finds it again."""
+        self._set(member, member.role, False, why)
+        self.reprobe()
 
     # ---------------------------------------------------------------- probing
 

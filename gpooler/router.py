@@ -1139,3 +1139,24 @@ def hint(sql: str) -> str | None:
         return None
     m = _HINT_RE.match(sql)
     return m.group(1).lower() if m else None
+
+
+# A plain SELECT with none of these words is read-only without asking sqlglot: statements that
+# carry their values in the text are all different, and a parse for each would cost more than
+# the query. Anything else is classified properly (and cached).
+_PLAIN_SELECT = re.compile(rb"\s*select\b", re.IGNORECASE)
+_MAYBE_WRITES = re.compile(
+    rb"(?i)\binto\b|\bfor\s+(?:update|share|no\s+key|key\s+share)\b|nextval|setval|advisory"
+    rb"|set_config|\blo_|txid_current|pg_current_xact_id|dblink|pg_notify|;\s*\S"
+)
+_READ_TRANSACTION = frozenset(("begin_read_only", "commit", "rollback"))
+
+
+def routes_to_reader(text: bytes) -> bool:
+    """May this statement text run on a replica? Reads, and the opening of a READ ONLY transaction."""
+    if _PLAIN_SELECT.match(text) and _MAYBE_WRITES.search(text) is None:
+        return True
+    found = classify(text.decode("utf-8", "replace"))
+    return all(s.read_only or s.transaction in _READ_TRANSACTION for s in found.statements) and bool(
+        found.statements
+    )
