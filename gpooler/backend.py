@@ -285,6 +285,19 @@ class Backend:
         else:
             self.pool.discard(self)
 
+    def hung_up(self) -> bool:
+        """Whether an idle connection has output or an end waiting that the pump has not read:
+        for an idle server, that is always its goodbye. A peek that does not wait."""
+        try:
+            self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        self.close()
+        self.pool.discard(self)
+        return True
+
     def close(self) -> None:
         """Mark broken and close; the pump ends and the pool forgets this connection."""
         if self.broken:

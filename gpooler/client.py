@@ -57,6 +57,9 @@ class Client:
         self.partial = False  # a message was forwarded in part: the server must not be reused
         self.session: ClientSession | None = None  # transaction mode: the session gpooler keeps
         self.topology: Topology | None = None  # the tenant's primary and replicas, if it has any
+        self.resend: list[bytes] | None = None  # a replica read's messages, while it may move
+        self.forwarded = False  # something of the current replica read reached the client
+        self.moving: gevent.Greenlet | None = None  # a read being moved to the primary
 
     @property
     def peer(self) -> str:
@@ -256,7 +259,8 @@ class Client:
         if reader:
             tenant = self.login.tenant
             min_lsn = session.min_lsn if tenant.read_your_writes else 0
-            member = topology.choose_reader(tenant.load_balance, min_lsn, reader == "replica")
+            member = topology.choose_reader(tenant.load_balance, min_lsn, reader == "replica",
+                                            self.daemon.busy_on(tenant.id))
             if member is not topology.primary():
                 try:
                     server = self._acquire(self.daemon.pool_for(self.login, member))
@@ -264,6 +268,8 @@ class Client:
                     topology.mark_down(member, str(exc))
                 else:
                     member.routed += 1
+                    self.resend = []  # a read on a replica can move if the replica goes away
+                    self.forwarded = False
                     return server
         primary = topology.primary()
         server = self._acquire(self.daemon.pool_for(self.login, primary))
@@ -295,6 +301,10 @@ class Client:
 
     # Called on the server connection's greenlet.
     def forward(self, data: bytes) -> None:
+        if self.resend is not None and not self.forwarded:
+            if _is_goodbye(data):
+                return  # the replica is going away: the read will be retried elsewhere
+            self.forwarded = True
         try:
             send_all(self.sock, data)
         except OSError:
@@ -318,6 +328,7 @@ class Client:
             if notice:
                 self.forward(notice)
             if not session.pinned:
+                self.resend = None
                 self.server = None
                 server.detach()
                 server.pool.checkin(server)
@@ -335,6 +346,10 @@ class Client:
         if self.server is server:
             self.server = None
             server.pool.checkin(server)
+            resend, self.resend = self.resend, None
+            if resend is not None and not self.forwarded:
+                self.moving = gevent.spawn(self._read_elsewhere, b"".join(resend), server)
+                return
             self._hang_up(
                 "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
             )
@@ -415,6 +430,9 @@ class Client:
             items = reader.feed(data)
             if not items:
                 continue
+            if self.moving is not None:
+                self.moving.join()
+                self.moving = None
             server = self.server
             if server is None:
                 answer = self._answer_locally(items)
@@ -425,6 +443,8 @@ class Client:
                 if items[0][0] == p.TERMINATE:
                     raise ClientGone("client terminated the session")
                 server = self.server = self._route(items)
+            if self.resend is not None:
+                self._keep_for_resend(items)
             pieces, requests, syncs, open_batch = session.translate(items, server.statements)
             server.pending += syncs
             if open_batch is not None:
@@ -434,6 +454,42 @@ class Client:
                 server.send(pieces[0] if len(pieces) == 1 else b"".join(pieces), requests)
             if items[-1][0] == p.TERMINATE:
                 raise ClientGone("client terminated the session")
+
+    def _keep_for_resend(self, items: list) -> None:
+        """Keep what a read on a replica sent, unless it changes statement books (named Parse or
+        Close) or streams COPY data: those cannot simply be sent again."""
+        for kind, buffer, start, end in items:
+            if kind == p.COPY_PART or (
+                kind in (p.PARSE, p.CLOSE) and buffer[start + 5] not in (0, ord("P"))
+            ):
+                self.resend = None
+                return
+            self.resend.append(buffer[start:end])
+
+    def _read_elsewhere(self, data: bytes, lost: Backend) -> None:
+        """A replica went away under a read that had not answered yet: run it on the primary.
+
+        Only reads move (nothing they did can be lost) and only before any answer reached the
+        client; the relay waits for this before it handles anything the client sends next.
+        """
+        topology = self.topology
+        address = (lost.pool.target.host, lost.pool.target.port)
+        for member in topology.members:
+            if member.address == address:
+                topology.mark_down(member, "connection lost")
+        log.info("replica %s:%d went away under a read of %s: running it on the primary",
+                 *address, self.describe())
+        try:
+            server = self.server = self._acquire(self._primary_pool())
+            items = p.MessageReader().feed(data)
+            pieces, requests, syncs, open_batch = self.session.translate(items, server.statements)
+            server.pending += syncs
+            if open_batch is not None:
+                server.open_batch = open_batch
+            server.send(b"".join(pieces), requests)
+        except (ServerError, Refusal) as exc:
+            response = exc.response if isinstance(exc, ServerError) else exc.response()
+            self._hang_up("server connection lost", response)
 
     def _answer_locally(self, items: list) -> bytes | None:
         """What gpooler answers without a server: Sync, Flush and gpooler.target; else None."""
@@ -449,3 +505,15 @@ class Client:
             elif kind != p.FLUSH:
                 return None
         return b"".join(answer)
+
+
+_GOODBYES = frozenset(("57P01", "57P02", "57P03"))
+
+
+def _is_goodbye(data: bytes) -> bool:
+    """A server's FATAL on shutting down, as the first thing it answers."""
+    if data[:1] != b"E":
+        return False
+    messages, _ = p.split_messages(data)
+    fields = p.parse_fields(messages[0][1]) if messages else {}
+    return fields.get("S") == "FATAL" and fields.get("C") in _GOODBYES

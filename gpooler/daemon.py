@@ -215,8 +215,21 @@ class Daemon:
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
+            pool.verify_idle = member is not None
             self.pools[key] = pool
         return pool
+
+    def busy_on(self, tenant_id: str):
+        """For load_balance least_busy: server connections in use on a member, over all pools."""
+
+        def busy(member: Member) -> int:
+            return sum(
+                len(pool.members) - len(pool.idle)
+                for key, pool in self.pools.items()
+                if key[0] == tenant_id and (pool.target.host, pool.target.port) == member.address
+            )
+
+        return busy
 
     def client_joined(self, client: Client) -> None:
         """Count a logged-in client against max_clients, or refuse it with 53300."""

@@ -1150,13 +1150,16 @@ _MAYBE_WRITES = re.compile(
     rb"|set_config|\blo_|txid_current|pg_current_xact_id|dblink|pg_notify|;\s*\S"
 )
 _READ_TRANSACTION = frozenset(("begin_read_only", "commit", "rollback"))
+_ANY_TRANSACTION = _READ_TRANSACTION | {"begin"}
 
 
-def routes_to_reader(text: bytes) -> bool:
-    """May this statement text run on a replica? Reads, and the opening of a READ ONLY transaction."""
+def routes_to_reader(text: bytes, any_begin: bool = False) -> bool:
+    """May this statement text run on a replica? Reads, and the opening of a READ ONLY transaction
+    (any_begin: of any transaction, when the client asked for a replica)."""
     if _PLAIN_SELECT.match(text) and _MAYBE_WRITES.search(text) is None:
         return True
     found = classify(text.decode("utf-8", "replace"))
-    return all(s.read_only or s.transaction in _READ_TRANSACTION for s in found.statements) and bool(
-        found.statements
+    allowed = _ANY_TRANSACTION if any_begin else _READ_TRANSACTION
+    return bool(found.statements) and all(
+        s.read_only or s.transaction in allowed for s in found.statements
     )

@@ -37,7 +37,7 @@ PIN_FEATURES = {
 }
 
 
-WAL_POSITION_QUERY = "SELECT pg_catalog.pg_current_wal_lsn()::text"
+WAL_POSITION_QUERY = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
 
 
 def inspection_query(settings: bool, pins: bool, wal: bool = False) -> str:
@@ -91,7 +91,9 @@ def refused_feature(features: set[str]) -> str:
     )
 
 
-def refusing_statement(text: str) -> str:
-    """A statement that fails with 0A000 and `text`, so Postgres itself aborts the transaction."""
-    body = f"BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {p.quote_literal(text)}; END"
+def refusing_statement(text: str, sqlstate: str = "0A000") -> str:
+    """A statement that fails with `sqlstate` and `text`, so Postgres itself aborts the
+    transaction it is in, exactly as the error would on a direct connection."""
+    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+            f"MESSAGE = {p.quote_literal(text)}; END")
     return "DO " + p.quote_literal(body)

@@ -85,6 +85,10 @@ _TARGET = re.compile(
 TARGETS = ("primary", "replica", "any")
 
 
+def bad_target(value: str) -> str:
+    return f'invalid value for parameter "gpooler.target": "{value}" (primary, replica or any)'
+
+
 def target_statement(text: bytes) -> tuple[str, str] | None:
     """("set", value) / ("reset", "") / ("show", "") for a gpooler.target statement, else None."""
     if b"gpooler" not in text[:40].lower():
@@ -153,7 +157,9 @@ class ClientSession:
             replacement = self._query(buffer[start + 5 : end - 1], server, requests)
             if replacement is None:
                 replacement = buffer if start == 0 and end == len(buffer) else buffer[start:end]
-            return [replacement], requests, 1, False
+            out = [replacement]
+            _wake_if_needed(out, requests)
+            return out, requests, 1, False
         out: list[bytes] = []
         requests: list[Request] = []
         rewriter = Rewriter(self.statements, server)
@@ -186,8 +192,8 @@ class ClientSession:
             elif kind in _EXTENDED:
                 open_batch = True
                 body = buffer[start + 5 : end]
-                if self.local and self._local_message(kind, body, requests):
-                    replacement = b""
+                if self.local and (local := self._local_message(kind, body, requests)) is not None:
+                    replacement = local
                 elif kind == p.PARSE:
                     replacement = self._parse(body, rewriter, requests)
                 elif kind == p.BIND:
@@ -227,10 +233,7 @@ class ClientSession:
                 out.append(replacement)
         if run_buffer is not None:
             out.append(run_buffer[run_start:run_end])
-        if requests and all(r.action == SYNTH for r in requests) and not syncs:
-            # Nothing the server will answer comes after these: ask it for something harmless.
-            requests.append(Request(p.CLOSE, HIDE))
-            out.append(WAKE)
+        _wake_if_needed(out, requests)
         return out, requests, syncs, open_batch
 
     def _parse(self, body: bytes, rewriter: Rewriter, requests: list[Request]) -> bytes:
@@ -261,28 +264,31 @@ class ClientSession:
             return self._fail(already_exists(body[:name_end]), requests)
         return ensure + message
 
-    def _local_message(self, kind: int, body: bytes, requests: list[Request]) -> bool:
-        """Answer Bind/Describe/Execute/Close of a gpooler.target statement or its portal."""
+    def _local_message(self, kind: int, body: bytes, requests: list[Request]) -> bytes | None:
+        """Answer Bind/Describe/Execute/Close of a gpooler.target statement or its portal:
+        the bytes to send instead (usually none), or None when the message is not one of those."""
         local = self.local
         if kind == p.PARSE:
             local.pop(b"S" + body[: body.find(b"\0")], None)  # the name now means something else
-            return False
+            return None
         if kind == p.BIND:
             portal, statement = body.split(b"\0", 2)[:2]
             found = local.get(b"S" + statement)
             if found is None:
                 local.pop(b"P" + portal, None)
-                return False
+                return None
             local[b"P" + portal] = found
             requests.append(Request(p.BIND, SYNTH, p.message(b"2")))
-            return True
+            return b""
         if kind == p.EXECUTE:
             key = b"P" + body.split(b"\0", 1)[0]
         else:
             key = body[:1] + body[1:].split(b"\0", 1)[0]
         found = local.get(key)
         if found is None:
-            return False
+            return None
+        if kind == p.EXECUTE and found[0] == "set" and found[1] not in TARGETS:
+            return self._fail(p.error_response("22023", bad_target(found[1])), requests)
         if kind == p.DESCRIBE:
             answer = (p.message(b"t", b"\0\0") if key[:1] == b"S" else b"") + p.message(b"n")
         elif kind == p.CLOSE:
@@ -291,7 +297,7 @@ class ClientSession:
         else:
             answer = self.answer_target(found)
         requests.append(Request(kind, SYNTH, answer))
-        return True
+        return b""
 
     def _fail(self, error: bytes, requests: list[Request]) -> bytes:
         """Answer an error gpooler found itself, with the consequences Postgres would give it.
@@ -316,15 +322,17 @@ class ClientSession:
                                 + self.target.encode())
                     + p.message(b"C", p.cstr("SHOW")))
         if action == "set" and value not in TARGETS:
-            return p.error_response(
-                "22023", f'invalid value for parameter "gpooler.target": "{value}"',
-                H="Available values: primary, replica, any.")
+            return p.error_response("22023", bad_target(value))
         self.target = value if action == "set" else "any"
         return p.message(b"C", p.cstr(action.upper()))
 
     def _query(self, text: bytes, server: ServerStatements, requests: list[Request]) -> bytes | None:
         statement = target_statement(text)
         if statement is not None:
+            if statement[0] == "set" and statement[1] not in TARGETS:
+                # Inside a transaction the error must fail it: let Postgres raise it.
+                requests.append(plain(p.QUERY))
+                return p.query(refusing_statement(bad_target(statement[1]), "22023"))
             requests.append(Request(p.QUERY, SYNTH, self.answer_target(statement)))
             return b""
         found = effects(text)
@@ -388,7 +396,8 @@ class ClientSession:
         "" for no, "any" for any member fit for reads, "replica" for a replica if one is fit.
 
         A leading `/* gpooler:primary|replica|any */` comment on the first statement, then
-        SET gpooler.target, decide first; otherwise every statement must be a read.
+        SET gpooler.target, choose among the members a read may go to; writes always go to the
+        primary.
         """
         target = self.target
         reads = True
@@ -411,14 +420,14 @@ class ClientSession:
                 hinted = router.hint(text.decode("utf-8", "replace"))
                 if hinted is not None:
                     target = hinted
-                if target != "any":
+                if target == "primary":
                     break
-            if not router.routes_to_reader(text):
+            if not router.routes_to_reader(text, target == "replica"):
                 reads = False
                 break
-        if target != "any":
-            return "replica" if target == "replica" else ""
-        return "any" if reads and not first else ""
+        if target == "primary" or not reads or first:
+            return ""  # a write can only succeed on the primary, whatever the client prefers
+        return "replica" if target == "replica" else "any"
 
     # ---------------------------------------------------------------- SQL PREPARE / EXECUTE
 
@@ -521,6 +530,14 @@ class ClientSession:
             return b""
         self.notice_due = False
         return pinned_notice(self.features)
+
+
+def _wake_if_needed(out: list[bytes], requests: list[Request]) -> None:
+    """A synthetic answer is due after everything the server still owes, and the tracker emits it
+    when the next real answer comes: when nothing real follows it, ask for something harmless."""
+    if requests and requests[-1].action == SYNTH:
+        requests.append(Request(p.CLOSE, HIDE))
+        out.append(WAKE)
 
 
 _ABORT = (
