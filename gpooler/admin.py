@@ -433,7 +433,7 @@ def show_pools(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
     now = time.monotonic()
     active = active_clients(daemon)
     rows = []
-    for (tenant, user, database), pool in sorted(daemon.pools.items()):
+    for (tenant, user, database, *_member), pool in sorted(daemon.pools.items()):
         g = pool_gauges(pool, active[pool], now)
         wait_us = int(g["maxwait"] * 1e6)
         rows.append([database, user, g["cl_active"], g["cl_waiting"], g["sv_active"],
@@ -469,7 +469,7 @@ def show_servers(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
     columns = _CONNECTION_COLUMNS + ["remote_pid", "tls", "application_name",
                                      "prepared_statements", "tenant"]
     rows = []
-    for (tenant, _user, database), pool in sorted(daemon.pools.items()):
+    for (tenant, _user, database, *_member), pool in sorted(daemon.pools.items()):
         for server in sorted(pool.members, key=lambda s: s.created):
             owner = server.owner
             client = owner if owner is not None and hasattr(owner, "login") else None
@@ -493,7 +493,7 @@ def show_stats(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
                "avg_query_time", "avg_wait_time", "tenant"]
     now = time.monotonic()
     rows = []
-    for (tenant, user, database), pool in sorted(daemon.pools.items()):
+    for (tenant, user, database, *_member), pool in sorted(daemon.pools.items()):
         s = pool.stats
         age = max(now - s.created, 1e-3)
         rows.append([database, user, s.wait_count, s.xact_count, s.query_count, s.bytes_in,

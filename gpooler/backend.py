@@ -61,6 +61,8 @@ class Owner(Protocol):
 
     def server_lost(self, server: "Backend") -> None: ...
 
+    def on_server_error(self, body: bytes) -> None: ...
+
 
 class Backend:
     """A logged-in server connection and the state the pooler must know about it."""
@@ -84,6 +86,7 @@ class Backend:
         self.tracker = Tracker()
         self.tracker.can_send = lambda: not self.write_lock.locked()
         self.tracker.send = self.ask
+        self.tracker.on_error = self._answered_error
         self.statements = ServerStatements(pool.max_prepared)
         self.write_lock = Semaphore()
         self.created = self.last_used = time.monotonic()
@@ -184,6 +187,11 @@ class Backend:
                 self.close()
                 raise ServerError.unreachable("server connection lost") from None
 
+    def _answered_error(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.on_server_error(body)
+
     def ask(self, data: bytes, requests: list[Request]) -> bool:
         """Send gpooler's own requests from the pump's side, unless the client is sending now.
 
@@ -278,6 +286,19 @@ class Backend:
             owner.server_lost(self)
         else:
             self.pool.discard(self)
+
+    def hung_up(self) -> bool:
+        """Whether an idle connection has output or an end waiting that the pump has not read:
+        for an idle server, that is always its goodbye. A peek that does not wait."""
+        try:
+            self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        self.close()
+        self.pool.discard(self)
+        return True
 
     def close(self) -> None:
         """Mark broken and close; the pump ends and the pool forgets this connection."""

@@ -21,9 +21,10 @@ from gpooler.auth import AuthFailed, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
+from gpooler.replicas import Topology
 from gpooler.session_state import Inspection
 from gpooler.sockets import ClientGone, close_after, recv_exact, send_all
-from gpooler.transparent import ClientSession
+from gpooler.transparent import ClientSession, target_statement
 
 if TYPE_CHECKING:
     from gpooler.daemon import Daemon
@@ -58,6 +59,10 @@ class Client:
         self.session: ClientSession | None = None  # transaction mode: the session gpooler keeps
         self.login_name = ""  # the user name as sent, for the log
         self.busy_since = self.xact_start = self.last_request = 0.0  # stats.py: monotonic times
+        self.topology: Topology | None = None  # the tenant's primary and replicas, if it has any
+        self.resend: list[bytes] | None = None  # a replica read's messages, while it may move
+        self.forwarded = False  # something of the current replica read reached the client
+        self.moving: gevent.Greenlet | None = None  # a read being moved to the primary
 
     @property
     def peer(self) -> str:
@@ -128,7 +133,7 @@ class Client:
     def _give_back(self, server: Backend) -> None:
         """Return a server connection clean, or close it: never hand on a dirty session."""
         server.detach()
-        pool = self.pool
+        pool = server.pool
         if not server.broken:
             session = self.session
             if (
@@ -186,12 +191,13 @@ class Client:
         pool = self.pool = daemon.pool_for(login)
         if self.transaction_mode:
             self.session = ClientSession(login.settings, login.tenant.session_features == "error")
+        self.topology = daemon.topologies.get(login.tenant.id)
         if not self.transaction_mode:
-            self.server = self._acquire(learn=True)
+            self.server = self._acquire(self._primary_pool(), learn=True)
         elif pool.server_params is None or any(
             item not in pool.reported for item in login.settings.items()
         ):
-            pool.checkin(self._acquire(learn=True))
+            pool.checkin(self._acquire(pool, learn=True))
         self.key = daemon.register(self)
         reply = [p.auth_request(p.AUTH_OK)]
         reply += [p.parameter_status(k, v) for k, v in self._reported(pool).items()]
@@ -247,14 +253,51 @@ class Client:
         finally:
             pool.stats.waited(self, start)
 
-    def _acquire(self, learn: bool = False) -> Backend:
+    def _primary_pool(self) -> Pool:
+        """Where writes go: the tenant's current primary, which may not be the YAML's host."""
+        if self.topology is None:
+            return self.pool
+        return self.daemon.pool_for(self.login, self.topology.primary())
+
+    def _route(self, items: list) -> Backend:
+        """A server connection for what the client just sent: a replica when it may read there.
+
+        A replica that cannot be reached is taken out of rotation and the primary is used: nothing
+        was sent yet, so the client never notices.
+        """
+        topology = self.topology
+        session = self.session
+        if topology is None:
+            return self._acquire(self.pool)
+        reader = session.wants_reader(items)
+        if reader:
+            tenant = self.login.tenant
+            min_lsn = session.min_lsn if tenant.read_your_writes else 0
+            member = topology.choose_reader(tenant.load_balance, min_lsn, reader == "replica",
+                                            self.daemon.busy_on(tenant.id))
+            if member is not topology.primary():
+                try:
+                    server = self._acquire(self.daemon.pool_for(self.login, member))
+                except ServerError as exc:
+                    topology.mark_down(member, str(exc))
+                else:
+                    member.routed += 1
+                    self.resend = []  # a read on a replica can move if the replica goes away
+                    self.forwarded = False
+                    return server
+        primary = topology.primary()
+        server = self._acquire(self.daemon.pool_for(self.login, primary))
+        primary.routed += 1
+        session.wrote = True
+        return server
+
+    def _acquire(self, pool: Pool, learn: bool = False) -> Backend:
         """Check out a server connection and bring it to this client's session settings.
 
         With learn, what Postgres reports back for the settings is remembered in the pool: it
         validates them as Postgres would at startup, and it spells them as a direct connection
         would tell the client (`utf-8` becomes `UTF8`).
         """
-        pool = self.pool
         server = self._checkout(pool)
         settings = self.session.settings if self.session is not None else self.login.settings
         try:
@@ -272,6 +315,10 @@ class Client:
 
     # Called on the server connection's greenlet.
     def forward(self, data: bytes) -> None:
+        if self.resend is not None and not self.forwarded:
+            if _is_goodbye(data):
+                return  # the replica is going away: the read will be retried elsewhere
+            self.forwarded = True
         self.pool.stats.bytes_out += len(data)
         try:
             send_all(self.sock, data)
@@ -287,18 +334,26 @@ class Client:
         if self.daemon.stopping:
             self.shut_down()
         elif session is not None and self.server is server:
-            question = session.inspection(lambda found: self._inspected(server, found))
+            wal = session.wrote and self.topology is not None and self.login.tenant.read_your_writes
+            question = session.inspection(lambda found: self._inspected(server, found), wal)
             if question is not None:
                 if not server.ask(question[0], [question[1]]):
                     session.session_changed = session.pins_changed = True
+                    session.wrote = wal
                 return
             notice = session.take_notice()
             if notice:
                 self.forward(notice)
             if not session.pinned:
+                self.resend = None
                 self.server = None
                 server.detach()
-                self.pool.checkin(server)
+                server.pool.checkin(server)
+
+    def on_server_error(self, body: bytes) -> None:
+        """A write met a server in recovery: the primary moved, find it now."""
+        if self.topology is not None and p.parse_fields(body).get("C") == "25006":
+            self.topology.reprobe()
 
     def _inspected(self, server: Backend, found: Inspection) -> None:
         if found.settings is not None:
@@ -307,7 +362,11 @@ class Client:
     def server_lost(self, server: Backend) -> None:
         if self.server is server:
             self.server = None
-            self.pool.checkin(server)
+            server.pool.checkin(server)
+            resend, self.resend = self.resend, None
+            if resend is not None and not self.forwarded:
+                self.moving = gevent.spawn(self._read_elsewhere, b"".join(resend), server)
+                return
             self._hang_up(
                 "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
             )
@@ -395,16 +454,21 @@ class Client:
             items = reader.feed(data)
             if not items:
                 continue
+            if self.moving is not None:
+                self.moving.join()
+                self.moving = None
             server = self.server
             if server is None:
-                if all(item[0] == p.SYNC or item[0] == p.FLUSH for item in items):
-                    syncs = sum(1 for item in items if item[0] == p.SYNC)
-                    if syncs:
-                        self.sock.sendall(_READY_IDLE * syncs)
+                answer = self._answer_locally(items)
+                if answer is not None:
+                    if answer:
+                        self.sock.sendall(answer)
                     continue
                 if items[0][0] == p.TERMINATE:
                     raise ClientGone("client terminated the session")
-                server = self.server = self._acquire()
+                server = self.server = self._route(items)
+            if self.resend is not None:
+                self._keep_for_resend(items)
             pieces, requests, syncs, open_batch = session.translate(items, server.statements)
             server.pending += syncs
             stats.query_count += syncs
@@ -417,3 +481,66 @@ class Client:
                 server.send(pieces[0] if len(pieces) == 1 else b"".join(pieces), requests)
             if items[-1][0] == p.TERMINATE:
                 raise ClientGone("client terminated the session")
+
+    def _keep_for_resend(self, items: list) -> None:
+        """Keep what a read on a replica sent, unless it changes statement books (named Parse or
+        Close) or streams COPY data: those cannot simply be sent again."""
+        for kind, buffer, start, end in items:
+            if kind == p.COPY_PART or (
+                kind in (p.PARSE, p.CLOSE) and buffer[start + 5] not in (0, ord("P"))
+            ):
+                self.resend = None
+                return
+            self.resend.append(buffer[start:end])
+
+    def _read_elsewhere(self, data: bytes, lost: Backend) -> None:
+        """A replica went away under a read that had not answered yet: run it on the primary.
+
+        Only reads move (nothing they did can be lost) and only before any answer reached the
+        client; the relay waits for this before it handles anything the client sends next.
+        """
+        topology = self.topology
+        address = (lost.pool.target.host, lost.pool.target.port)
+        for member in topology.members:
+            if member.address == address:
+                topology.mark_down(member, "connection lost")
+        log.info("replica %s:%d went away under a read of %s: running it on the primary",
+                 *address, self.describe())
+        try:
+            server = self.server = self._acquire(self._primary_pool())
+            items = p.MessageReader().feed(data)
+            pieces, requests, syncs, open_batch = self.session.translate(items, server.statements)
+            server.pending += syncs
+            if open_batch is not None:
+                server.open_batch = open_batch
+            server.send(b"".join(pieces), requests)
+        except (ServerError, Refusal) as exc:
+            response = exc.response if isinstance(exc, ServerError) else exc.response()
+            self._hang_up("server connection lost", response)
+
+    def _answer_locally(self, items: list) -> bytes | None:
+        """What gpooler answers without a server: Sync, Flush and gpooler.target; else None."""
+        answer = []
+        for kind, buffer, start, end in items:
+            if kind == p.QUERY:
+                statement = target_statement(buffer[start + 5 : end - 1])
+                if statement is None:
+                    return None
+                answer.append(self.session.answer_target(statement) + _READY_IDLE)
+            elif kind == p.SYNC:
+                answer.append(_READY_IDLE)
+            elif kind != p.FLUSH:
+                return None
+        return b"".join(answer)
+
+
+_GOODBYES = frozenset(("57P01", "57P02", "57P03"))
+
+
+def _is_goodbye(data: bytes) -> bool:
+    """A server's FATAL on shutting down, as the first thing it answers."""
+    if data[:1] != b"E":
+        return False
+    messages, _ = p.split_messages(data)
+    fields = p.parse_fields(messages[0][1]) if messages else {}
+    return fields.get("S") == "FATAL" and fields.get("C") in _GOODBYES

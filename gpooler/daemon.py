@@ -10,7 +10,7 @@ import logging
 import signal
 import socket
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gevent
 from gevent.event import Event
@@ -29,6 +29,7 @@ from gpooler.config import (
 )
 from gpooler.login import Login, Refusal
 from gpooler.pool import Pool, Target
+from gpooler.replicas import Member, Topology, make_psycopg2_cooperative
 from gpooler.protocol import CancelKey
 from gpooler.stats import Stats
 
@@ -69,6 +70,7 @@ class Daemon:
         self.cancel_keys = CancelKeys(worker.index, worker.count, worker.peer_dir)
         self.servers: list[StreamServer] = []
         self.stopping = False
+        self.topologies: dict[str, Topology] = {}  # tenants with replicas
         self._done = Event()
         self._idle = Event()
         self.stats = Stats(self)  # counters and the StatsD push (stats.py)
@@ -78,6 +80,8 @@ class Daemon:
 
     def run(self) -> int:
         """Listen, serve until a signal ends it, return the exit code."""
+        make_psycopg2_cooperative()
+        self._start_topologies()
         sockets = self._sockets or [(listener.bind(e), e) for e in self.config.listen]
         for sock, entry in sockets:
             self.servers.append(listener.start(self, sock, entry))
@@ -115,18 +119,24 @@ class Daemon:
         and every connection that comes back, and nobody new can log in to them.
         """
         self.config = config
+        self._start_topologies()
         for key, pool in list(self.pools.items()):
-            tenant_id, user_name, database = key
+            tenant_id, user_name, database = key[:3]
             tenant = config.tenants.get(tenant_id)
             user = tenant.users.get(user_name) if tenant is not None else None
+            member = key[3:]
+            if user is not None and member:
+                known = {(r.host, r.port) for r in tenant.replicas}
+                user = user if member in known else None
             if user is None:
                 del self.pools[key]
                 pool.close()
                 log.info("pool %s removed", pool.name)
             else:
-                pool.reconfigure(
-                    pool_target(tenant, user, database), user.pool_size, user.max_prepared_statements
-                )
+                target = pool_target(tenant, user, database)
+                if member:
+                    target = replace(target, host=member[0], port=member[1])
+                pool.reconfigure(target, user.pool_size, user.max_prepared_statements)
 
     def terminate(self) -> None:
         """SIGTERM: stop accepting, let transactions finish within shutdown_timeout, then exit."""
@@ -152,11 +162,46 @@ class Daemon:
         self._stop_listening()
         self._close_everything()
 
+    def _start_topologies(self) -> None:
+        """One prober per tenant with replicas; a reload adds, changes and drops them."""
+        tenants = self.config.tenants
+        for tenant_id in list(self.topologies):
+            tenant = tenants.get(tenant_id)
+            if tenant is None or not tenant.replicas:
+                self.topologies.pop(tenant_id).stop()
+        for tenant in tenants.values():
+            if not tenant.replicas:
+                continue
+            replicas = [(r.host, r.port) for r in tenant.replicas]
+            topology = self.topologies.get(tenant.id)
+            if topology is None:
+                topology = self.topologies[tenant.id] = Topology(
+                    tenant.id, (tenant.host, tenant.port), replicas,
+                    self._probe_credentials(tenant.id), tenant.health_check_interval,
+                    tenant.max_replica_lag,
+                )
+                topology.start()
+            else:
+                topology.reconfigure((tenant.host, tenant.port), replicas,
+                                     tenant.health_check_interval, tenant.max_replica_lag)
+
+    def _probe_credentials(self, tenant_id: str):
+        """Probes log in as the tenant's first user, as the configuration is now."""
+
+        def credentials() -> tuple[str, str | None, str]:
+            tenant = self.config.tenants[tenant_id]
+            user = next(iter(tenant.users.values()))
+            return user.server_user, user.server_password, tenant.database
+
+        return credentials
+
     def _stop_listening(self) -> None:
         for server in self.servers:
             server.close()
 
     def _close_everything(self) -> None:
+        for topology in self.topologies.values():
+            topology.stop()
         for client in self.cancel_keys.clients():
             client.shut_down()
         for pool in self.pools.values():
@@ -165,18 +210,37 @@ class Daemon:
 
     # ---------------------------------------------------------------- clients and pools
 
-    def pool_for(self, login: Login) -> Pool:
-        key = (login.tenant.id, login.user.name, login.database)
+    def pool_for(self, login: Login, member: Member | None = None) -> Pool:
+        """The pool of (tenant, user, database), on one member when the tenant has replicas.
+
+        The YAML's primary keeps the plain key, so that tenants without replicas have one pool.
+        """
+        tenant = login.tenant
+        key = (tenant.id, login.user.name, login.database)
+        name = f"{key[1]}.{key[0]}/{key[2]}"
+        target = pool_target(tenant, login.user, login.database)
+        if member is not None and member.address != (tenant.host, tenant.port):
+            key += member.address
+            name += f"@{member}"
+            target = replace(target, host=member.host, port=member.port)
         pool = self.pools.get(key)
         if pool is None:
-            pool = Pool(
-                f"{key[1]}.{key[0]}/{key[2]}",
-                pool_target(login.tenant, login.user, login.database),
-                login.user.pool_size,
-                login.user.max_prepared_statements,
-            )
+            pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
+            pool.verify_idle = member is not None
             self.pools[key] = pool
         return pool
+
+    def busy_on(self, tenant_id: str):
+        """For load_balance least_busy: server connections in use on a member, over all pools."""
+
+        def busy(member: Member) -> int:
+            return sum(
+                len(pool.members) - len(pool.idle)
+                for key, pool in self.pools.items()
+                if key[0] == tenant_id and (pool.target.host, pool.target.port) == member.address
+            )
+
+        return busy
 
     def client_joined(self, client: Client) -> None:
         """Count a logged-in client against max_clients, or refuse it with 53300."""

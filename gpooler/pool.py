@@ -43,6 +43,9 @@ class Pool:
         self.target = target
         self.size = size
         self.max_prepared = max_prepared
+        # Replica pools: members go down in normal operation (restarts, failover), so an idle
+        # connection is checked for a goodbye the pump has not read yet before it is handed out.
+        self.verify_idle = False
         self.generation = 0
         self.idle: list[Backend] = []
         self.members: set[Backend] = set()
@@ -60,7 +63,7 @@ class Pool:
         """A logged-in, idle connection; raises PoolTimeout or ServerError."""
         while self.idle:
             server = self.idle.pop()
-            if not server.broken:
+            if not server.broken and not (self.verify_idle and server.hung_up()):
                 return server
         if self.total < self.size and not self.waiters:
             self.opening += 1

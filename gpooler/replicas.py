@@ -29,7 +29,7 @@ PROBE_SQL = (
     "SELECT pg_catalog.pg_is_in_recovery(),"
     " (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()"
     " ELSE pg_catalog.pg_current_wal_lsn() END)::text,"
-    " COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()), 0)::float8"
+    " EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp())::float8"
 )
 
 
@@ -66,8 +66,7 @@ class Member:
     healthy: bool = True  # until a probe says otherwise
     lsn: int = 0  # current (primary) or replayed (replica) WAL position
     lag: float = 0.0  # seconds behind the primary; 0 for the primary
-    routed: int = 0  # statements sent here
-    busy: int = 0  # server connections checked out here right now
+    routed: int = 0  # transactions sent here
     _conn: object = field(default=None, repr=False)
 
     @property
@@ -126,11 +125,26 @@ class Topology:
             fit.append(member)
         return fit or [primary]
 
-    def choose_reader(self, policy: str, min_lsn: int = 0) -> Member:
+    def choose_reader(
+        self,
+        policy: str,
+        min_lsn: int = 0,
+        replicas_only: bool = False,
+        busy: Callable[[Member], int] = lambda member: 0,
+    ) -> Member:
+        """A member to read from; replicas_only (SET gpooler.target = replica) leaves the primary
+        out unless no replica is fit; least_busy picks the one with fewest connections in use."""
         fit = self.readers(min_lsn)
+        if replicas_only:
+            fit = [m for m in fit if m.role == "replica"] or fit
         if policy == "least_busy":
-            return min(fit, key=lambda m: (m.busy, random.random()))
+            return min(fit, key=lambda m: (busy(m), random.random()))
         return random.choice(fit)
+
+    def mark_down(self, member: Member, why: str) -> None:
+        """A connection to member just failed: out of rotation until a probe finds it again."""
+        self._set(member, member.role, False, why)
+        self.reprobe()
 
     # ---------------------------------------------------------------- probing
 
@@ -180,11 +194,16 @@ class Topology:
         primary_lsn = max((m.lsn for m in members if m.role == "primary" and m.healthy), default=0)
         for member, job in zip(members, results):
             if member.role == "replica" and member.healthy and job.value is not None:
-                member.lag = 0.0 if primary_lsn and member.lsn >= primary_lsn else job.value
+                if primary_lsn and member.lsn >= primary_lsn:
+                    member.lag = 0.0
+                else:
+                    # Behind: as old as its last replayed commit; with none replayed since it
+                    # started, no telling how far behind, so too far.
+                    member.lag = job.value[0] if job.value[0] is not None else float("inf")
         self.probed.set()
 
-    def _probe(self, member: Member) -> float | None:
-        """One probe; returns the replay delay the member reports, None when it is down."""
+    def _probe(self, member: Member) -> tuple[float | None] | None:
+        """One probe; returns (age of the last replayed commit or None,), or None when down."""
         try:
             with gevent.Timeout(PROBE_TIMEOUT):
                 conn = member._conn
@@ -206,7 +225,7 @@ class Topology:
             return None
         member.lsn = parse_lsn(lsn) if lsn else 0
         self._set(member, "replica" if in_recovery else "primary", True, "")
-        return float(delay)
+        return (delay,)
 
     def _set(self, member: Member, role: str, healthy: bool, why: str) -> None:
         if role != member.role:

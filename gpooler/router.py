@@ -1139,3 +1139,27 @@ def hint(sql: str) -> str | None:
         return None
     m = _HINT_RE.match(sql)
     return m.group(1).lower() if m else None
+
+
+# A plain SELECT with none of these words is read-only without asking sqlglot: statements that
+# carry their values in the text are all different, and a parse for each would cost more than
+# the query. Anything else is classified properly (and cached).
+_PLAIN_SELECT = re.compile(rb"\s*select\b", re.IGNORECASE)
+_MAYBE_WRITES = re.compile(
+    rb"(?i)\binto\b|\bfor\s+(?:update|share|no\s+key|key\s+share)\b|nextval|setval|advisory"
+    rb"|set_config|\blo_|txid_current|pg_current_xact_id|dblink|pg_notify|;\s*\S"
+)
+_READ_TRANSACTION = frozenset(("begin_read_only", "commit", "rollback"))
+_ANY_TRANSACTION = _READ_TRANSACTION | {"begin"}
+
+
+def routes_to_reader(text: bytes, any_begin: bool = False) -> bool:
+    """May this statement text run on a replica? Reads, and the opening of a READ ONLY transaction
+    (any_begin: of any transaction, when the client asked for a replica)."""
+    if _PLAIN_SELECT.match(text) and _MAYBE_WRITES.search(text) is None:
+        return True
+    found = classify(text.decode("utf-8", "replace"))
+    allowed = _ANY_TRANSACTION if any_begin else _READ_TRANSACTION
+    return bool(found.statements) and all(
+        s.read_only or s.transaction in allowed for s in found.statements
+    )

@@ -37,20 +37,27 @@ PIN_FEATURES = {
 }
 
 
-def inspection_query(settings: bool, pins: bool) -> str:
-    return ";".join(q for q, wanted in ((SETTINGS_QUERY, settings), (PINNED_QUERY, pins)) if wanted)
+WAL_POSITION_QUERY = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
+
+
+def inspection_query(settings: bool, pins: bool, wal: bool = False) -> str:
+    asked = ((SETTINGS_QUERY, settings), (PINNED_QUERY, pins), (WAL_POSITION_QUERY, wal))
+    return ";".join(q for q, wanted in asked if wanted)
 
 
 @dataclass
 class Inspection:
     settings: dict[str, str] | None  # None: not asked
     pinned_objects: int | None  # None: not asked
+    wal_position: str | None = None  # the primary's, after a write (read-your-writes)
 
 
 def read_inspection(output: bytes, settings: bool, pins: bool) -> Inspection:
-    """Parse what inspection_query returned (two-column rows: settings; one column: the count)."""
+    """Parse what inspection_query returned: two-column rows are settings, a one-column row the
+    count of pinned objects or (with a slash: X/Y) the WAL position."""
     found: dict[str, str] = {}
     count = None
+    wal = None
     messages, _ = p.split_messages(output)
     for kind, body in messages:
         if kind != ord("D"):
@@ -59,8 +66,11 @@ def read_inspection(output: bytes, settings: bool, pins: bool) -> Inspection:
         if len(row) == 2 and row[0] is not None and row[1] is not None:
             found[row[0].decode().lower()] = row[1].decode()
         elif len(row) == 1 and row[0] is not None:
-            count = int(row[0])
-    return Inspection(found if settings else None, count if pins else None)
+            if b"/" in row[0]:
+                wal = row[0].decode()
+            else:
+                count = int(row[0])
+    return Inspection(found if settings else None, count if pins else None, wal)
 
 
 def pinned_notice(features: set[str]) -> bytes:
@@ -81,7 +91,9 @@ def refused_feature(features: set[str]) -> str:
     )
 
 
-def refusing_statement(text: str) -> str:
-    """A statement that fails with 0A000 and `text`, so Postgres itself aborts the transaction."""
-    body = f"BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {p.quote_literal(text)}; END"
+def refusing_statement(text: str, sqlstate: str = "0A000") -> str:
+    """A statement that fails with `sqlstate` and `text`, so Postgres itself aborts the
+    transaction it is in, exactly as the error would on a direct connection."""
+    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+            f"MESSAGE = {p.quote_literal(text)}; END")
     return "DO " + p.quote_literal(body)

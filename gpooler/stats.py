@@ -215,7 +215,7 @@ class Pusher:
         deltas: dict[tuple[str, str], list[int]] = {}
         last, self._last_pools = self._last_pools, {}
         servers = 0
-        for (tenant, user, _database), pool in list(daemon.pools.items()):
+        for (tenant, user, _database, *_member), pool in list(daemon.pools.items()):
             servers += len(pool.members)
             key = (tenant, user)
             found = pool_gauges(pool, active[pool], now)

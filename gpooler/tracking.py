@@ -117,6 +117,7 @@ class Tracker:
         # queues the requests too).
         self.can_send: Callable[[], bool] = lambda: False
         self.send: Callable[[bytes, list[Request]], object] = lambda data, requests: None
+        self.on_error: Callable[[bytes], None] | None = None  # sees each error answering a request
 
     def __bool__(self) -> bool:
         return bool(self.queue)
@@ -161,6 +162,11 @@ class Tracker:
                 while queue and queue[0].action == SYNTH:
                     request = queue.popleft()
                     out.append(request.payload)
+                    if request.kind == p.QUERY:
+                        # A Query gpooler answered itself ends as any Query does.
+                        out.append(p.ready_for_query(bytes((self.last_status,))))
+                        ready += 1
+                        status = self.last_status
                     request.finish(True)
             if i + 5 > n:
                 break
@@ -187,6 +193,8 @@ class Tracker:
                     sink = _DROP
                 elif kind == _ERROR:
                     request.failed = True
+                    if self.on_error is not None and end <= n:
+                        self.on_error(data[i + 5 : end])
                     if request.rename is not None and end <= n and sink is None:
                         # Postgres names the statement as gpooler called it: say the client's name.
                         if run < i:

@@ -14,7 +14,16 @@ import re
 
 from gpooler import protocol as p
 from gpooler import router
-from gpooler.prepared import WAKE, ClientStatements, Rewriter, ServerStatements, already_exists
+from gpooler.replicas import parse_lsn
+from gpooler.prepared import (
+    CLOSE_COMPLETE,
+    PARSE_COMPLETE,
+    WAKE,
+    ClientStatements,
+    Rewriter,
+    ServerStatements,
+    already_exists,
+)
 from gpooler.session_state import (
     Inspection,
     inspection_query,
@@ -67,6 +76,29 @@ _FIRST_WORD = re.compile(rb"\s*([a-z_]+)")  # no match (a comment, a parenthesis
 # calls, temporary relations, or a second statement
 _ANYWHERE = re.compile(rb"set_config|advisory|pg_temp|\btemp(?:orary)?\b|;\s*\S")
 _MAY_UNPIN = re.compile(rb"(?i)(?:^|;)\s*(?:drop|close)\b")
+# gpooler's own session setting: where this client's statements go. Answered by gpooler, never
+# sent to Postgres.
+_TARGET = re.compile(
+    rb"(?is)\s*(?:(set)\s+(?:session\s+)?gpooler\.target\s*(?:=|\bto\b)\s*'?([a-z_]*)'?"
+    rb"|(reset)\s+gpooler\.target|(show)\s+gpooler\.target)\s*;?\s*\Z"
+)
+TARGETS = ("primary", "replica", "any")
+
+
+def bad_target(value: str) -> str:
+    return f'invalid value for parameter "gpooler.target": "{value}" (primary, replica or any)'
+
+
+def target_statement(text: bytes) -> tuple[str, str] | None:
+    """("set", value) / ("reset", "") / ("show", "") for a gpooler.target statement, else None."""
+    if b"gpooler" not in text[:40].lower():
+        return None
+    found = _TARGET.match(text)
+    if found is None:
+        return None
+    if found.group(1):
+        return "set", found.group(2).decode().lower()
+    return ("reset", "") if found.group(3) else ("show", "")
 
 
 def effects(text: bytes) -> Effects | None:
@@ -106,6 +138,10 @@ class ClientSession:
         self.replay: list[bytes] | None = None  # what to send again if a stale plan fails a Bind
         self.unnamed: Effects | None = None  # effects of the statement last Parse'd unnamed
         self.in_segment = False  # extended-protocol messages were sent since the last sync point
+        self.target = "any"  # SET gpooler.target: primary | replica | any
+        self.local: dict[bytes, tuple[str, str]] = {}  # b"S"+statement / b"P"+portal of gpooler.target
+        self.min_lsn = 0  # read-your-writes: reads go where this WAL position is replayed
+        self.wrote = False  # the current server was chosen for writing: learn its WAL position
 
     # ---------------------------------------------------------------- client -> server
 
@@ -121,7 +157,9 @@ class ClientSession:
             replacement = self._query(buffer[start + 5 : end - 1], server, requests)
             if replacement is None:
                 replacement = buffer if start == 0 and end == len(buffer) else buffer[start:end]
-            return [replacement], requests, 1, False
+            out = [replacement]
+            _wake_if_needed(out, requests)
+            return out, requests, 1, False
         out: list[bytes] = []
         requests: list[Request] = []
         rewriter = Rewriter(self.statements, server)
@@ -154,7 +192,9 @@ class ClientSession:
             elif kind in _EXTENDED:
                 open_batch = True
                 body = buffer[start + 5 : end]
-                if kind == p.PARSE:
+                if self.local and (local := self._local_message(kind, body, requests)) is not None:
+                    replacement = local
+                elif kind == p.PARSE:
                     replacement = self._parse(body, rewriter, requests)
                 elif kind == p.BIND:
                     replacement = rewriter.bind(body, requests)
@@ -193,10 +233,7 @@ class ClientSession:
                 out.append(replacement)
         if run_buffer is not None:
             out.append(run_buffer[run_start:run_end])
-        if requests and all(r.action == SYNTH for r in requests) and not syncs:
-            # Nothing the server will answer comes after these: ask it for something harmless.
-            requests.append(Request(p.CLOSE, HIDE))
-            out.append(WAKE)
+        _wake_if_needed(out, requests)
         return out, requests, syncs, open_batch
 
     def _parse(self, body: bytes, rewriter: Rewriter, requests: list[Request]) -> bytes:
@@ -204,6 +241,12 @@ class ClientSession:
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
             raise p.ProtocolError("malformed Parse message")
+        statement = target_statement(body[name_end + 1 : query_end])
+        if statement is not None:
+            # SET gpooler.target by Parse/Bind/Execute: answered by gpooler message by message.
+            self.local[b"S" + body[:name_end]] = statement
+            requests.append(Request(p.PARSE, SYNTH, PARSE_COMPLETE))
+            return b""
         found = effects(body[name_end + 1 : query_end])
         if name_end == 0:
             self.unnamed = found  # what the next Execute of the unnamed statement will do
@@ -221,6 +264,41 @@ class ClientSession:
             return self._fail(already_exists(body[:name_end]), requests)
         return ensure + message
 
+    def _local_message(self, kind: int, body: bytes, requests: list[Request]) -> bytes | None:
+        """Answer Bind/Describe/Execute/Close of a gpooler.target statement or its portal:
+        the bytes to send instead (usually none), or None when the message is not one of those."""
+        local = self.local
+        if kind == p.PARSE:
+            local.pop(b"S" + body[: body.find(b"\0")], None)  # the name now means something else
+            return None
+        if kind == p.BIND:
+            portal, statement = body.split(b"\0", 2)[:2]
+            found = local.get(b"S" + statement)
+            if found is None:
+                local.pop(b"P" + portal, None)
+                return None
+            local[b"P" + portal] = found
+            requests.append(Request(p.BIND, SYNTH, p.message(b"2")))
+            return b""
+        if kind == p.EXECUTE:
+            key = b"P" + body.split(b"\0", 1)[0]
+        else:
+            key = body[:1] + body[1:].split(b"\0", 1)[0]
+        found = local.get(key)
+        if found is None:
+            return None
+        if kind == p.EXECUTE and found[0] == "set" and found[1] not in TARGETS:
+            return self._fail(p.error_response("22023", bad_target(found[1])), requests)
+        if kind == p.DESCRIBE:
+            answer = (p.message(b"t", b"\0\0") if key[:1] == b"S" else b"") + p.message(b"n")
+        elif kind == p.CLOSE:
+            del local[key]
+            answer = CLOSE_COMPLETE
+        else:
+            answer = self.answer_target(found)
+        requests.append(Request(kind, SYNTH, answer))
+        return b""
+
     def _fail(self, error: bytes, requests: list[Request]) -> bytes:
         """Answer an error gpooler found itself, with the consequences Postgres would give it.
 
@@ -234,7 +312,29 @@ class ClientSession:
         requests.extend(Request(kind, HIDE, sink=sink) for kind in (p.PARSE, p.BIND, p.EXECUTE))
         return _ABORT
 
+    def answer_target(self, statement: tuple[str, str]) -> bytes:
+        """gpooler's answer to SET/RESET/SHOW gpooler.target, without its ReadyForQuery."""
+        action, value = statement
+        if action == "show":
+            return (p.message(b"T", b"\0\1" + p.cstr("gpooler.target") + b"\0" * 6
+                              + b"\0\0\0\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\0\0")
+                    + p.message(b"D", b"\0\1" + len(self.target).to_bytes(4, "big")
+                                + self.target.encode())
+                    + p.message(b"C", p.cstr("SHOW")))
+        if action == "set" and value not in TARGETS:
+            return p.error_response("22023", bad_target(value))
+        self.target = value if action == "set" else "any"
+        return p.message(b"C", p.cstr(action.upper()))
+
     def _query(self, text: bytes, server: ServerStatements, requests: list[Request]) -> bytes | None:
+        statement = target_statement(text)
+        if statement is not None:
+            if statement[0] == "set" and statement[1] not in TARGETS:
+                # Inside a transaction the error must fail it: let Postgres raise it.
+                requests.append(plain(p.QUERY))
+                return p.query(refusing_statement(bad_target(statement[1]), "22023"))
+            requests.append(Request(p.QUERY, SYNTH, self.answer_target(statement)))
+            return b""
         found = effects(text)
         if found is None:
             requests.append(plain(p.QUERY))
@@ -284,7 +384,50 @@ class ClientSession:
             self.pins_changed = True
         if found.session:
             self.session_changed = True
+        if "*" in found.resets:
+            self.target = "any"
         return None
+
+    # ---------------------------------------------------------------- routing
+
+    def wants_reader(self, items: list[tuple[int, bytes, int, int]]) -> str:
+        """May what the client sent (the start of a transaction) run on a replica?
+
+        "" for no, "any" for any member fit for reads, "replica" for a replica if one is fit.
+
+        A leading `/* gpooler:primary|replica|any */` comment on the first statement, then
+        SET gpooler.target, choose among the members a read may go to; writes always go to the
+        primary.
+        """
+        target = self.target
+        reads = True
+        first = True
+        for kind, buffer, start, end in items:
+            if kind == p.QUERY:
+                text = buffer[start + 5 : end - 1]
+            elif kind == p.PARSE:
+                text = buffer[start + 5 : end].split(b"\0", 2)[1]
+            elif kind == p.BIND:
+                statement = buffer[start + 5 : end].split(b"\0", 2)[1]
+                known = self.statements.parsed.get(statement) if statement else None
+                if known is None:
+                    continue
+                text = known[1][5:].split(b"\0", 2)[1]
+            else:
+                continue
+            if first:
+                first = False
+                hinted = router.hint(text.decode("utf-8", "replace"))
+                if hinted is not None:
+                    target = hinted
+                if target == "primary":
+                    break
+            if not router.routes_to_reader(text, target == "replica"):
+                reads = False
+                break
+        if target == "primary" or not reads or first:
+            return ""  # a write can only succeed on the primary, whatever the client prefers
+        return "replica" if target == "replica" else "any"
 
     # ---------------------------------------------------------------- SQL PREPARE / EXECUTE
 
@@ -348,22 +491,28 @@ class ClientSession:
 
     # ---------------------------------------------------------------- between transactions
 
-    def inspection(self, on_read) -> tuple[bytes, Request] | None:
-        """The hidden question to ask before letting go of the server, if anything changed."""
+    def inspection(self, on_read, wal: bool = False) -> tuple[bytes, Request] | None:
+        """The hidden question to ask before letting go of the server, if anything changed.
+
+        wal: also ask the primary's WAL position, for read-your-writes after a write.
+        """
         settings, pins = self.session_changed, self.pins_changed
-        if not (settings or pins):
+        if not (settings or pins or wal):
             return None
         self.session_changed = self.pins_changed = False
+        self.wrote = False
         sink = bytearray()
 
         def done(ok: bool, _request: Request) -> None:
             if ok:
                 on_read(self._learn(read_inspection(bytes(sink), settings, pins)))
 
-        return p.query(inspection_query(settings, pins)), Request(p.QUERY, HIDE, sink=sink,
-                                                                   on_done=done)
+        query = inspection_query(settings, pins, wal)
+        return p.query(query), Request(p.QUERY, HIDE, sink=sink, on_done=done)
 
     def _learn(self, found: Inspection) -> Inspection:
+        if found.wal_position is not None:
+            self.min_lsn = max(self.min_lsn, parse_lsn(found.wal_position))
         if found.settings is not None:
             # A direct connection keeps its startup parameters through RESET: so do we.
             self.settings = {**self.startup, **found.settings}
@@ -381,6 +530,14 @@ class ClientSession:
             return b""
         self.notice_due = False
         return pinned_notice(self.features)
+
+
+def _wake_if_needed(out: list[bytes], requests: list[Request]) -> None:
+    """A synthetic answer is due after everything the server still owes, and the tracker emits it
+    when the next real answer comes: when nothing real follows it, ask for something harmless."""
+    if requests and requests[-1].action == SYNTH:
+        requests.append(Request(p.CLOSE, HIDE))
+        out.append(WAKE)
 
 
 _ABORT = (

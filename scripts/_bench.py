@@ -6,6 +6,7 @@ Environment:
     BENCH_CLIENTS          clients of the multi-client runs (default 32)
     BENCH_GPOOLER_WORKERS  gpooler `workers` (default 1; PgBouncer is single-threaded too)
     BENCH_TARGETS          comma list out of direct,pgbouncer,gpooler (default: all)
+    BENCH_REPLICA          0 to skip the read-replica run (default: run it)
 """
 
 import os
@@ -78,7 +79,7 @@ def pgbouncer_version():
         return ""
 
 
-def start_gpooler(pg, workdir):
+def start_gpooler(pg, workdir, replicas=()):
     workers = os.environ.get("BENCH_GPOOLER_WORKERS", "1")
     cfg = {
         "listen": [{"host": "127.0.0.1", "mode": "transaction"}],
@@ -86,6 +87,7 @@ def start_gpooler(pg, workdir):
         "log_level": "warning",
         "tenants": {TENANT: {
             "host": "127.0.0.1", "port": pg.port, "database": DB,
+            "replicas": [{"host": "127.0.0.1", "port": r.port} for r in replicas],
             "users": {USER: {"password": PASSWORD, "server_user": USER, "pool_size": POOL_SIZE,
                              "max_clients": 1000}},
         }},
@@ -210,12 +212,37 @@ def main():
     for row in rows:
         say("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
                       for i, (x, w) in enumerate(zip(row, widths))))
+    if os.environ.get("BENCH_REPLICA", "1") != "0" and "gpooler" in usable:
+        replica_reads(pg, workdir, bindir, seconds, clients,
+                      results.get((workloads[0][0], "gpooler")))
     if notes:
         say("")
         say("Failures:")
         for n in notes:
             say(f"  {n}")
     return 0
+
+
+def replica_reads(pg, workdir, bindir, seconds, clients, primary_only):
+    """Reads through gpooler with one streaming replica beside the primary, against primary only."""
+    say("")
+    say("Read replicas: a streaming replica (pg_basebackup -R) and gpooler routing reads to both ...")
+    replica = pg.make_replica()
+    c.on_exit(replica.stop)
+    port, why = start_gpooler(pg, workdir, replicas=[replica])
+    if why:
+        say(why)
+        return
+    args = ["-S", "-M", "simple", "-c", str(clients), "-j", "2", "-n", "-T", str(seconds)]
+    r = c.pgbench(bindir, args, "127.0.0.1", port, f"{USER}.{TENANT}", PASSWORD, DB,
+                  timeout=seconds + 60)
+    if not r.ok:
+        say(f"  failed: {r.error}")
+        return
+    base = f"{primary_only.tps:,.0f}" if primary_only and primary_only.ok else "-"
+    gain = f"{r.tps / primary_only.tps:.2f}" if primary_only and primary_only.ok else "-"
+    say(f"  select-only simple -c{clients}: primary only {base} tps, primary + 1 replica "
+        f"{r.tps:,.0f} tps (x{gain}); on one machine both servers share the same CPUs")
 
 
 if __name__ == "__main__":
