@@ -572,6 +572,19 @@ def show_config(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
     return ["key", "value", "default", "changeable"], rows
 
 
+def show_replicas(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
+    """Every member of the tenants with replicas, as the probes last saw it."""
+    columns = ["tenant", "host", "port", "role", "healthy", "lag", "lsn", "routed"]
+    rows = []
+    for tenant_id, topology in sorted(daemon.topologies.items()):
+        for member in topology.members:
+            lag = member.lag if member.role == "replica" else 0.0
+            rows.append([tenant_id, member.host, member.port, member.role, member.healthy,
+                         "inf" if lag == float("inf") else f"{lag:.3f}",
+                         f"{member.lsn >> 32:X}/{member.lsn & 0xFFFFFFFF:X}", member.routed])
+    return columns, rows
+
+
 def show_version(daemon: "Daemon") -> tuple[list[str], list[list[Any]]]:
     return ["version"], [[f"gpooler {__version__}"]]
 
@@ -587,6 +600,7 @@ SHOW: dict[str, Callable[["Daemon"], tuple[list[str], list[list[Any]]]]] = {
     "SERVERS": show_servers,
     "STATS": show_stats,
     "TENANTS": show_tenants,
+    "REPLICAS": show_replicas,
     "CONFIG": show_config,
     "VERSION": show_version,
     "HELP": show_help,

@@ -353,3 +353,30 @@ def test_shutdown_while_paused_closes_the_waiting_clients(pg, gpooler):
     assert h.proc.wait(TIMEOUT) == 0               # well within shutdown_timeout: nobody is left
     assert failed.wait(TIMEOUT)
     conn.close()
+
+
+def test_show_replicas(cluster_factory, gpooler):
+    """Per member: role, health, lag and how many transactions were routed there."""
+    primary = cluster_factory()
+    replica = primary.make_replica()
+    try:
+        cfg = admin_config(primary)
+        cfg["tenants"]["acme"].update(replicas=[{"host": "127.0.0.1", "port": replica.port}],
+                                      health_check_interval=0.2)
+        h = gpooler(cfg)
+        wait_for(lambda: {r["port"]: (r["role"], r["healthy"]) for r in show(h, "REPLICAS")} == {
+            str(primary.port): ("primary", "True"), str(replica.port): ("replica", "True")},
+            "both members probed")
+        conn = psycopg2.connect(h.dsn("app.acme", "secret"))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for _ in range(20):
+                cur.execute("select 1")
+        conn.close()
+        routed = {r["port"]: int(r["routed"]) for r in show(h, "REPLICAS")}
+        assert sum(routed.values()) == 20 and routed[str(replica.port)] > 0
+        replica.shutdown()
+        wait_for(lambda: [r["healthy"] for r in show(h, "REPLICAS")
+                          if r["port"] == str(replica.port)] == ["False"], "the replica down")
+    finally:
+        replica.stop()
