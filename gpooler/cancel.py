@@ -22,6 +22,7 @@ from gpooler import protocol as p
 from gpooler.sockets import ClientGone, recv_exact
 
 if TYPE_CHECKING:
+    from gpooler.backend import Backend
     from gpooler.client import Client
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,11 @@ class CancelKeys:
             log.debug("cancel request for pid %d ignored: nothing to cancel", key.pid)
             return
         log.info("cancel request: %s -> %r", client.describe(), server)
+        self.cancel_server(server)
+
+    @staticmethod
+    def cancel_server(server: "Backend") -> None:
+        """Ask Postgres to cancel what a server connection is running (query_timeout too)."""
         try:
             with gevent.Timeout(CANCEL_TIMEOUT):
                 with socket.create_connection(server.address) as sock:

@@ -63,6 +63,9 @@ class Client:
         self.resend: list[bytes] | None = None  # a replica read's messages, while it may move
         self.forwarded = False  # something of the current replica read reached the client
         self.moving: gevent.Greenlet | None = None  # a read being moved to the primary
+        # janitor.py: when the client last sent something, was last probed, got its last cancel
+        self.last_heard = self.last_heartbeat = self.connected_at
+        self.cancelled_at = 0.0
 
     @property
     def peer(self) -> str:
@@ -192,6 +195,7 @@ class Client:
         if self.transaction_mode:
             self.session = ClientSession(login.settings, login.tenant.session_features == "error")
         self.topology = daemon.topologies.get(login.tenant.id)
+        self.keep_alive(login.user.client_heartbeat_interval)
         if not self.transaction_mode:
             self.server = self._acquire(self._primary_pool(), learn=True)
         elif pool.server_params is None or any(
@@ -371,6 +375,28 @@ class Client:
                 "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
             )
 
+    def kick(self, reason: str, sqlstate: str, text: str) -> None:
+        """End the session with a FATAL the client can read (timeouts)."""
+        self._hang_up(reason, p.error_response(sqlstate, text, "FATAL"))
+
+    def heartbeat(self, message: bytes) -> None:
+        """Write a harmless message to an idle client: to a vanished one, it fails in time."""
+        gevent.spawn(self._send_quietly, message)
+
+    def keep_alive(self, interval: float) -> None:
+        """TCP keepalive and TCP_USER_TIMEOUT, so a client gone without a FIN is noticed."""
+        if not interval:
+            return
+        sock = self.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(interval)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval / 3)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(interval * 1000))
+        except (OSError, AttributeError) as exc:
+            log.debug("keepalive options not set for %s: %s", self.describe(), exc)
+
     def shut_down(self) -> None:
         self._hang_up(
             "gpooler shutting down",
@@ -394,6 +420,7 @@ class Client:
 
     def _relay(self) -> None:
         recv = self.sock.recv
+        clock = time.monotonic
         walk = p.walk_client
         stats = self.pool.stats
         carry = b""
@@ -402,6 +429,7 @@ class Client:
             data = recv(RECV_SIZE)
             if not data or self.closing:
                 raise ClientGone(self.hangup_reason)
+            self.last_heard = clock()
             stats.bytes_in += len(data)
             if carry:
                 data = carry + data
@@ -443,6 +471,7 @@ class Client:
     def _relay_transactions(self) -> None:
         """The relay for transaction mode: whole messages, translated for the current server."""
         recv = self.sock.recv
+        clock = time.monotonic
         reader = p.MessageReader()
         session = self.session
         stats = self.pool.stats
@@ -450,6 +479,7 @@ class Client:
             data = recv(RECV_SIZE)
             if not data or self.closing:
                 raise ClientGone(self.hangup_reason)
+            self.last_heard = clock()
             stats.bytes_in += len(data)
             items = reader.feed(data)
             if not items:

@@ -124,6 +124,11 @@ class UserConfig:
     client_idle_timeout: float
     client_heartbeat_interval: float
     max_prepared_statements: int
+    idle_transaction_timeout: float
+    query_timeout: float
+    server_idle_timeout: float
+    server_lifetime: float
+    min_pool_size: int
 
 
 @dataclass(frozen=True)
@@ -588,6 +593,20 @@ SETTINGS: tuple[Setting, ...] = (
             "close clients idle this many seconds (0 = never)", cascade=True),
     Setting("client_heartbeat_interval", "user", _number, 60.0, _non_negative,
             "seconds between liveness checks of idle clients (0 = off)", cascade=True),
+    Setting("idle_transaction_timeout", "user", _number, 0.0, _non_negative,
+            "a client idle inside a transaction this long gets 25P03, its transaction is rolled "
+            "back and the server connection returns to the pool (0 = never)", cascade=True),
+    Setting("query_timeout", "user", _number, 0.0, _non_negative,
+            "a statement running this long is cancelled on the server: 57014, session intact "
+            "(0 = never)", cascade=True),
+    Setting("server_idle_timeout", "user", _number, 600.0, _non_negative,
+            "idle server connections above min_pool_size are closed after this long (0 = never)",
+            cascade=True),
+    Setting("server_lifetime", "user", _number, 3600.0, _non_negative,
+            "server connections older than this are closed when idle, never mid-transaction "
+            "(0 = never)", cascade=True),
+    Setting("min_pool_size", "user", _integer, 0, _non_negative,
+            "server connections kept open per pool even when idle", cascade=True),
     Setting("max_prepared_statements", "user", _integer, 200, _positive,
             "prepared statements kept per server connection in transaction mode, least recently "
             "used closed first", cascade=True),

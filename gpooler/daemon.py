@@ -18,6 +18,7 @@ from gevent.server import StreamServer
 
 from gpooler import admin, listener, logs, tls
 from gpooler.cancel import CancelKeys
+from gpooler.janitor import Janitor
 from gpooler.client import Client
 from gpooler.config import (
     Config,
@@ -71,6 +72,7 @@ class Daemon:
         self.servers: list[StreamServer] = []
         self.stopping = False
         self.topologies: dict[str, Topology] = {}  # tenants with replicas
+        self.janitor = Janitor(self)
         self._done = Event()
         self._idle = Event()
         self.stats = Stats(self)  # counters and the StatsD push (stats.py)
@@ -81,6 +83,7 @@ class Daemon:
     def run(self) -> int:
         """Listen, serve until a signal ends it, return the exit code."""
         make_psycopg2_cooperative()
+        self.janitor.start()
         self._start_topologies()
         sockets = self._sockets or [(listener.bind(e), e) for e in self.config.listen]
         for sock, entry in sockets:
@@ -137,6 +140,7 @@ class Daemon:
                 if member:
                     target = replace(target, host=member[0], port=member[1])
                 pool.reconfigure(target, user.pool_size, user.max_prepared_statements)
+                pool.lifetime = user.server_lifetime
 
     def terminate(self) -> None:
         """SIGTERM: stop accepting, let transactions finish within shutdown_timeout, then exit."""
@@ -200,6 +204,7 @@ class Daemon:
             server.close()
 
     def _close_everything(self) -> None:
+        self.janitor.stop()
         for topology in self.topologies.values():
             topology.stop()
         for client in self.cancel_keys.clients():
@@ -227,6 +232,7 @@ class Daemon:
         if pool is None:
             pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
             pool.verify_idle = member is not None
+            pool.lifetime = login.user.server_lifetime
             self.pools[key] = pool
         return pool
 

@@ -14,9 +14,11 @@ import gevent
 
 from gpooler import protocol as p
 from gpooler.backend import IDLE
+from gpooler.cancel import CancelKeys
 
 if TYPE_CHECKING:
     from gpooler.client import Client
+    from gpooler.config import UserConfig
     from gpooler.daemon import Daemon
     from gpooler.pool import Pool
 
@@ -49,9 +51,14 @@ class Janitor:
                     self.check_client(client, now)
                 except Exception:
                     log.exception("janitor: checking %s failed", client.describe())
-            for pool in list(self.daemon.pools.values()):
+            tenants = self.daemon.config.tenants
+            for key, pool in list(self.daemon.pools.items()):
+                tenant = tenants.get(key[0])
+                user = tenant.users.get(key[1]) if tenant is not None else None
+                if user is None:
+                    continue  # removed by a reload: the pool closes as its connections come back
                 try:
-                    self.check_pool(pool, now)
+                    self.check_pool(pool, user, now)
                 except Exception:
                     log.exception("janitor: checking pool %s failed", pool.name)
 
@@ -60,18 +67,17 @@ class Janitor:
     def check_client(self, client: "Client", now: float) -> None:
         user = client.login.user
         server = client.server
-        working = server is not None and (server.pending > 0 or server.open_batch)
-        in_transaction = server is not None and not working and server.status != IDLE
-        quiet = now - client.last_heard
-        if working:
+        if client.busy_since:  # a statement is running
             limit = user.query_timeout
-            if limit and server.busy_since and now - server.busy_since > limit and not server.cancelled:
-                server.cancelled = True
+            if limit and now - client.busy_since > limit and client.cancelled_at != client.busy_since:
+                client.cancelled_at = client.busy_since
                 log.info("query timeout (%gs): cancelling the statement of %s", limit,
                          client.describe())
-                gevent.spawn(self.daemon.cancel_keys.cancel_server, server)
+                if server is not None:
+                    gevent.spawn(CancelKeys.cancel_server, server)
             return
-        if in_transaction:
+        quiet = now - client.last_heard
+        if server is not None and server.status != IDLE:
             limit = user.idle_transaction_timeout
             if limit and quiet > limit:
                 client.kick("idle in transaction timeout", "25P03",
@@ -87,19 +93,17 @@ class Janitor:
 
     # ---------------------------------------------------------------- servers
 
-    def check_pool(self, pool: "Pool", now: float) -> None:
-        user = pool.user
+    def check_pool(self, pool: "Pool", user: "UserConfig", now: float) -> None:
+        """Close idle connections past server_lifetime, or idle past server_idle_timeout beyond
+        min_pool_size; open connections up to min_pool_size."""
         keep = user.min_pool_size
-        for server in list(pool.idle):
-            if len(pool.members) + pool.opening <= keep and now - server.created <= (
-                user.server_lifetime or float("inf")
-            ):
-                break
-            idle_too_long = user.server_idle_timeout and now - server.last_used > user.server_idle_timeout
+        for server in list(pool.idle):  # oldest first
             too_old = user.server_lifetime and now - server.created > user.server_lifetime
-            if idle_too_long or too_old:
-                reason = "idle timeout" if idle_too_long else "lifetime"
-                log.debug("pool %s: closing %r (%s)", pool.name, server, reason)
+            idle_long = (user.server_idle_timeout and pool.total > keep
+                         and now - server.last_used > user.server_idle_timeout)
+            if too_old or idle_long:
+                log.debug("pool %s: closing %r (%s)", pool.name, server,
+                          "lifetime" if too_old else "idle timeout")
                 server.close()
                 pool.discard(server)
         if keep and pool.total < min(keep, pool.size) and not pool.waiters and not pool.warming:

@@ -8,6 +8,7 @@ connection is handed straight to the first of them, so nobody overtakes a waitin
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class Pool:
         # Replica pools: members go down in normal operation (restarts, failover), so an idle
         # connection is checked for a goodbye the pump has not read yet before it is handed out.
         self.verify_idle = False
+        self.warming = False  # the janitor is opening connections up to min_pool_size
+        self.lifetime = 0.0  # server_lifetime, checked as connections come back
         self.generation = 0
         self.idle: list[Backend] = []
         self.members: set[Backend] = set()
@@ -112,10 +115,26 @@ class Pool:
             server.close()
             self.discard(server)
             return
+        now = server.last_used = time.monotonic()
+        if self.lifetime and now - server.created > self.lifetime:
+            server.close()  # old enough: replaced between transactions, never during one
+            self.discard(server)
+            return
         if self.waiters:
             self.waiters.popleft().set(server)
         else:
             self.idle.append(server)
+
+    def warm(self, count: int) -> None:
+        """Open connections until count are open (min_pool_size), unless clients are waiting."""
+        try:
+            while self.total < min(count, self.size) and not self.waiters:
+                self.opening += 1
+                self.checkin(self._open())
+        except ServerError as exc:
+            log.warning("pool %s: could not keep %d connections open: %s", self.name, count, exc)
+        finally:
+            self.warming = False
 
     def discard(self, server: Backend) -> None:
         """Forget a closed connection and let a waiter open a replacement."""

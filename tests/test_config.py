@@ -72,7 +72,9 @@ def test_minimal_defaults():
     assert u == cfg.UserConfig(
         name="app", password="secret", server_user="app", server_password="secret",
         auth_type="scram-sha-256", pool_size=15, max_clients=1000, pool_checkout_timeout=60,
-        client_idle_timeout=0, client_heartbeat_interval=60, max_prepared_statements=200)
+        client_idle_timeout=0, client_heartbeat_interval=60, max_prepared_statements=200,
+        idle_transaction_timeout=0, query_timeout=0, server_idle_timeout=600, server_lifetime=3600,
+        min_pool_size=0)
 
 
 def test_sections_defaults():

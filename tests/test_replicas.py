@@ -11,14 +11,13 @@ Nothing here sleeps and hopes: every wait is a condition with a deadline.
 from __future__ import annotations
 
 import threading
-from contextlib import closing
 import time
 import uuid
+from contextlib import closing
 
 import psycopg
 import psycopg.errors
 import psycopg2
-import psycopg2.errors
 import pytest
 
 from cluster import Cluster, base_config
@@ -57,12 +56,16 @@ def one(conn, sql: str, args=None):
         return cur.fetchone()
 
 
-def wait_caught_up(primary: Cluster, replica: Cluster, timeout: float = 15.0) -> None:
-    """Wait until the replica has replayed all the primary has written so far."""
+def wait_caught_up(primary: Cluster, replica: Cluster, timeout: float = 15.0,
+                   flush: bool = True) -> None:
+    """Wait until the replica has replayed all the primary has written so far.
+
+    The clusters commit asynchronously: with flush, a synchronous commit first writes out all
+    the WAL before it, so that the write position covers every commit made until now (but the
+    replica then replays that commit too)."""
     with direct(primary) as p:
-        # the clusters commit asynchronously: a synchronous commit first writes out all the WAL
-        # before it, so that the write position covers every commit made until now
-        one(p, "set synchronous_commit = on; select pg_current_xact_id()")
+        if flush:
+            one(p, "set synchronous_commit = on; select pg_current_xact_id()")
         lsn = one(p, "select pg_current_wal_lsn()::text")[0]
     with direct(replica) as r:
         wait_until(lambda: one(r, "select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))[0],
@@ -618,7 +621,7 @@ def test_lag_is_seen_before_the_replica_replays_its_first_transaction(pair, gpoo
     replica = primary.make_replica(extra_conf={"recovery_min_apply_delay": APPLY_DELAY})
     try:
         m = Members(primary, replica)
-        wait_caught_up(primary, replica)
+        wait_caught_up(primary, replica, flush=False)  # and still no transaction replayed
         h = gpooler(replica_config(primary, replica, max_replica_lag=0.5))
         with closing(connect(h)) as conn:
             wait_until(lambda: where(conn, "/* gpooler:replica */ " + WHERE) == m.replica, 10,
@@ -708,8 +711,11 @@ def test_read_your_writes_never_reads_stale(pair, slow_replica, gpooler):
     with closing(connect(h)) as conn:
         wait_until(lambda: where(conn, "/* gpooler:replica */ " + WHERE) == m.replica, 10,
                    "the delayed replica is in rotation")
-    # start from a quiet moment: the replica has replayed everything and the probes know it
+    # start where a replica often is: at a fresh WAL segment (archive_timeout, a base backup),
+    # replayed up to the primary's position, and the probes know it
     wait_caught_up(primary, slow_replica)
+    primary.psql("select pg_switch_wal()")
+    wait_caught_up(primary, slow_replica, flush=False)
     wait_probed(slow_replica)
     stale, on_replica = write_then_read(h, 1000)
     assert stale == [], (f"{len(stale)} of 1000 reads did not see the client's own write, all on "
