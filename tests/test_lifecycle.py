@@ -18,23 +18,13 @@ import psycopg2
 import pytest
 
 from cluster import base_config, connect_error, deep_merge
+from waiting import wait_until
 
 PASSWORD = "secret"
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Super:

@@ -12,19 +12,9 @@ import psycopg2
 import pytest
 
 from cluster import base_config
+from waiting import wait_until
 
 PASSWORD = "secret"
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def backends(pg, role: str = "u_scram") -> list[int]:

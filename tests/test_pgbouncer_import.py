@@ -485,7 +485,7 @@ def test_cli_end_to_end(tmp_path):
     assert "configuration OK" in check.stdout
     stderr = result.stderr.splitlines()
     for key in ("logfile", "pidfile", "max_db_connections", "bogus_setting"):
-        assert warned(stderr, f"pgbouncer.ini:", f"[pgbouncer] {key}:"), key
+        assert warned(stderr, "pgbouncer.ini:", f"[pgbouncer] {key}:"), key
     assert warned(stderr, 'users.txt: user "has space"')
     assert "Traceback" not in result.stderr
 

@@ -32,6 +32,7 @@ import pytest
 from scramp import ScramClient
 
 from cluster import _clean_env, base_config, connect_error, deep_merge
+from waiting import wait_until
 
 MODES = ["transaction", "session"]
 PASSWORD = "secret"
@@ -39,18 +40,6 @@ PASSWORD = "secret"
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll predicate() until it returns something truthy; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def run_in_thread(fn, timeout: float, what: str):

@@ -21,6 +21,7 @@ import psycopg2
 import pytest
 
 from cluster import Cluster, base_config
+from waiting import wait_until
 
 PASSWORD = "secret"
 USER = "app.acme"  # u_scram on the servers
@@ -30,18 +31,6 @@ PROBE_INTERVAL = 0.2
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.02):
-    """Poll condition() until it returns something truthy; fail with `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}", pytrace=False)
-        time.sleep(interval)
 
 
 def direct(cluster: Cluster):
