@@ -63,6 +63,7 @@ class Client:
         self.resend: list[bytes] | None = None  # a replica read's messages, while it may move
         self.forwarded = False  # something of the current replica read reached the client
         self.moving: gevent.Greenlet | None = None  # a read being moved to the primary
+        self.misrouted = False  # a write met a server in recovery: run it on the real primary
         # janitor.py: when the client last sent something, was last probed, got its last cancel
         self.last_heard = self.last_heartbeat = self.connected_at
         self.cancelled_at = 0.0
@@ -293,6 +294,8 @@ class Client:
         server = self._acquire(self.daemon.pool_for(self.login, primary))
         primary.routed += 1
         session.wrote = True
+        self.resend = []  # a write that meets a server in recovery can move to the real primary
+        self.forwarded = False
         return server
 
     def _acquire(self, pool: Pool, learn: bool = False) -> Backend:
@@ -320,8 +323,11 @@ class Client:
     # Called on the server connection's greenlet.
     def forward(self, data: bytes) -> None:
         if self.resend is not None and not self.forwarded:
-            if _is_goodbye(data):
-                return  # the replica is going away: the read will be retried elsewhere
+            if self.misrouted or _is_goodbye(data):
+                return  # the server is going away, or is no primary: run this elsewhere
+            if _is_in_recovery(data):
+                self.misrouted = True
+                return
             self.forwarded = True
         self.pool.stats.bytes_out += len(data)
         try:
@@ -348,6 +354,14 @@ class Client:
             notice = session.take_notice()
             if notice:
                 self.forward(notice)
+            if self.misrouted:
+                self.misrouted = False
+                self.server = None
+                server.detach()
+                server.pool.checkin(server)
+                resend, self.resend = self.resend, None
+                self.moving = gevent.spawn(self._write_elsewhere, b"".join(resend))
+                return
             if not session.pinned:
                 self.resend = None
                 self.server = None
@@ -523,6 +537,17 @@ class Client:
                 return
             self.resend.append(buffer[start:end])
 
+    def _write_elsewhere(self, data: bytes) -> None:
+        """A write met a server in recovery (25006) before anything reached the client, outside an
+        explicit transaction: find the primary now and run it there, once."""
+        topology = self.topology
+        topology.probed.clear()
+        topology.reprobe()
+        topology.probed.wait(PRIMARY_SEARCH_TIMEOUT)
+        log.info("a write of %s met a server in recovery: running it on %s", self.describe(),
+                 topology.primary())
+        self._send_on_primary(data)
+
     def _read_elsewhere(self, data: bytes, lost: Backend) -> None:
         """A replica went away under a read that had not answered yet: run it on the primary.
 
@@ -536,6 +561,10 @@ class Client:
                 topology.mark_down(member, "connection lost")
         log.info("replica %s:%d went away under a read of %s: running it on the primary",
                  *address, self.describe())
+        self._send_on_primary(data)
+
+    def _send_on_primary(self, data: bytes) -> None:
+        """Send again, on the primary, what the client sent since its last transaction began."""
         try:
             server = self.server = self._acquire(self._primary_pool())
             items = p.MessageReader().feed(data)
@@ -565,6 +594,15 @@ class Client:
 
 
 _GOODBYES = frozenset(("57P01", "57P02", "57P03"))
+PRIMARY_SEARCH_TIMEOUT = 5.0
+
+
+def _is_in_recovery(data: bytes) -> bool:
+    """The first answer is 25006: a write reached a server that is (now) a replica."""
+    if data[:1] != b"E":
+        return False
+    messages, _ = p.split_messages(data)
+    return bool(messages) and p.parse_fields(messages[0][1]).get("C") == "25006"
 
 
 def _is_goodbye(data: bytes) -> bool:

@@ -735,3 +735,33 @@ def test_without_read_your_writes_the_delayed_replica_reads_stale(pair, slow_rep
     stale, on_replica = write_then_read(h, 200)
     assert any(on_replica), "no read went to the replica"
     assert stale, f"no stale read in 200 (replica used {sum(on_replica)} times)"
+
+
+def test_a_write_on_a_server_in_recovery_moves_to_the_real_primary(cluster_factory, gpooler):
+    """The old primary's address comes back as a replica before any probe noticed: the write gets
+    25006 there, gpooler probes at once and runs it on the real primary, and the client sees only
+    its answer."""
+    old = cluster_factory()
+    setup_schema(old)
+    new = old.make_replica()
+    comeback = None
+    try:
+        wait_caught_up(old, new)
+        h = gpooler(replica_config(old, new, health_check_interval=3600))
+        with closing(connect(h)) as conn:
+            assert where(conn, "insert into items (v) values ('before') "
+                               "returning pg_is_in_recovery(), inet_server_port()") == (
+                False, old.port)
+        old_port = old.port
+        old.stop()
+        new.run_as_pg([new.bin("pg_ctl"), "promote", "-w", "-D", new.datadir])
+        comeback = new.make_replica(port=old_port)  # the old address, now in recovery
+        with closing(connect(h)) as conn:
+            assert where(conn, "insert into items (v) values ('moved') "
+                               "returning pg_is_in_recovery(), inet_server_port()") == (
+                False, new.port)
+        h.wait_log("met a server in recovery")
+    finally:
+        if comeback is not None:
+            comeback.stop()
+        new.stop()
