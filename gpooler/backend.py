@@ -353,6 +353,8 @@ class Backend:
         the same raw string a startup packet carries), RESET for what an earlier client set.
         """
         applied = self.applied
+        if wanted == applied:
+            return {}  # the usual case in transaction mode: nothing to send
         changes = [
             f"pg_catalog.set_config({p.quote_literal(k)}, {p.quote_literal(v)}, false)"
             for k, v in wanted.items()

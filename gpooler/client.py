@@ -345,7 +345,9 @@ class Client:
             self.shut_down()
         elif session is not None and self.server is server:
             wal = session.wrote and self.topology is not None and self.login.tenant.read_your_writes
-            question = session.inspection(lambda found: self._inspected(server, found), wal)
+            question = None
+            if wal or session.session_changed or session.pins_changed:
+                question = session.inspection(lambda found: self._inspected(server, found), wal)
             if question is not None:
                 if not server.ask(question[0], [question[1]]):
                     session.session_changed = session.pins_changed = True
