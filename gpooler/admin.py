@@ -31,11 +31,12 @@ from gevent.server import StreamServer
 
 from gpooler import __version__, listener, logs
 from gpooler import protocol as p
-from gpooler.auth import AuthFailed, client_auth
+from gpooler.auth import client_auth
+from gpooler.client import authenticate
 from gpooler.backend import IDLE
 from gpooler.config import REQUIRED, SETTINGS, Config, Derived, ListenConfig, password_kind
 from gpooler.login import Refusal
-from gpooler.sockets import ClientGone, close_after, recv_exact
+from gpooler.sockets import ClientGone, close_after, read_message
 from gpooler.stats import active_clients, pool_gauges
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 DATABASE = "gpooler"
 STARTUP_TIMEOUT = 60.0
-AUTH_FAILURE_DELAY = 0.25
 MAX_MESSAGE = 1 << 20
 KILL_WAIT = 5.0
 POLL = 0.02
@@ -246,22 +246,7 @@ class AdminSession:
         if secret is None:
             raise Refusal("28000", f'"{user}" is not an admin user')
         auth_type = "md5" if password_kind(secret) == "md5" else "scram-sha-256"
-        exchange = client_auth(auth_type, secret, user)
-        self.sock.sendall(exchange.first())
-        while True:
-            kind, body = self._read_message(10000)
-            if kind != p.PASSWORD:
-                raise p.ProtocolError(f"expected a password message, got message type {kind}")
-            try:
-                reply, done = exchange.step(body)
-            except AuthFailed:
-                gevent.sleep(AUTH_FAILURE_DELAY)
-                raise Refusal("28P01", f'password authentication failed for user "{user}"') \
-                    from None
-            if reply:
-                self.sock.sendall(reply)
-            if done:
-                break
+        authenticate(self.sock, client_auth(auth_type, secret, user), user)
         reply = [p.auth_request(p.AUTH_OK)]
         for name, value in (("server_version", f"{__version__}/gpooler"),
                             ("server_encoding", "UTF8"), ("client_encoding", "UTF8"),
@@ -273,20 +258,13 @@ class AdminSession:
         reply.append(p.ready_for_query(b"I"))
         self.sock.sendall(b"".join(reply))
 
-    def _read_message(self, limit: int) -> tuple[int, bytes]:
-        header = recv_exact(self.sock, 5)
-        length = int.from_bytes(header[1:], "big")
-        if length < 4 or length > limit:
-            raise p.ProtocolError(f"invalid message length {length}")
-        return header[0], recv_exact(self.sock, length - 4)
-
     # ------------------------------------------------------------ commands
 
     def _serve(self) -> None:
         failed_batch = False
         while True:
             try:
-                kind, body = self._read_message(MAX_MESSAGE)
+                kind, body = read_message(self.sock, MAX_MESSAGE)
             except ClientGone:
                 raise ClientGone("client closed the connection") from None
             if kind == p.QUERY:

@@ -17,13 +17,13 @@ import gevent
 
 from gpooler import logs, tls
 from gpooler import protocol as p
-from gpooler.auth import AuthFailed, client_auth
+from gpooler.auth import AuthFailed, ClientAuth, client_auth
 from gpooler.backend import IDLE, Backend, ServerError
 from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
 from gpooler.replicas import Topology
 from gpooler.session_state import Inspection
-from gpooler.sockets import ClientGone, close_after, recv_exact, send_all
+from gpooler.sockets import ClientGone, close_after, read_message, send_all
 from gpooler.transparent import ClientSession, target_statement
 
 if TYPE_CHECKING:
@@ -36,6 +36,26 @@ AUTH_FAILURE_DELAY = 0.25
 MAX_AUTH_MESSAGE = 10000
 RECV_SIZE = 256 * 1024
 _READY_IDLE = p.ready_for_query(b"I")
+
+
+def authenticate(sock: socket.socket, exchange: ClientAuth, login_name: str) -> None:
+    """Run a password exchange to its end; a wrong answer costs AUTH_FAILURE_DELAY, then 28P01."""
+    sock.sendall(exchange.first())
+    while True:
+        kind, body = read_message(sock, MAX_AUTH_MESSAGE)
+        if kind != p.PASSWORD:
+            raise p.ProtocolError(f"expected a password message, got message type {kind}")
+        try:
+            reply, done = exchange.step(body)
+        except AuthFailed:
+            gevent.sleep(AUTH_FAILURE_DELAY)
+            raise Refusal(
+                "28P01", f'password authentication failed for user "{login_name}"'
+            ) from None
+        if reply:
+            sock.sendall(reply)
+        if done:
+            return
 
 
 class Client:
@@ -212,29 +232,7 @@ class Client:
     def _authenticate(self, login: Login) -> None:
         user = login.user
         exchange = client_auth(user.auth_type, user.password, login.login_name)
-        self.sock.sendall(exchange.first())
-        while True:
-            kind, body = self._read_message(MAX_AUTH_MESSAGE)
-            if kind != p.PASSWORD:
-                raise p.ProtocolError(f"expected a password message, got message type {kind}")
-            try:
-                reply, done = exchange.step(body)
-            except AuthFailed:
-                gevent.sleep(AUTH_FAILURE_DELAY)
-                raise Refusal(
-                    "28P01", f'password authentication failed for user "{login.login_name}"'
-                ) from None
-            if reply:
-                self.sock.sendall(reply)
-            if done:
-                return
-
-    def _read_message(self, limit: int) -> tuple[int, bytes]:
-        header = recv_exact(self.sock, 5)
-        length = int.from_bytes(header[1:], "big")
-        if length < 4 or length > limit:
-            raise p.ProtocolError(f"invalid message length {length}")
-        return header[0], recv_exact(self.sock, length - 4)
+        authenticate(self.sock, exchange, login.login_name)
 
     def _reported(self, pool: Pool) -> dict[str, str]:
         params = dict(pool.server_params or {})

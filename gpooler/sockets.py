@@ -6,6 +6,8 @@ import socket
 
 import gevent
 
+from gpooler.protocol import ProtocolError
+
 LINGER_TIMEOUT = 1.0
 
 
@@ -33,6 +35,15 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
         chunks.append(data)
         size -= len(data)
     return b"".join(chunks)
+
+
+def read_message(sock: socket.socket, limit: int) -> tuple[int, bytes]:
+    """One whole message (type, body) of at most limit bytes, for the slow paths (login, admin)."""
+    header = recv_exact(sock, 5)
+    length = int.from_bytes(header[1:], "big")
+    if length < 4 or length > limit:
+        raise ProtocolError(f"invalid message length {length}")
+    return header[0], recv_exact(sock, length - 4)
 
 
 def close_after(sock: socket.socket, farewell: bytes = b"") -> None:
