@@ -432,6 +432,17 @@ class Client:
 
     # ---------------------------------------------------------------- the relay
 
+    def _expect(self, server: Backend, syncs: int, open_batch: bool | None) -> None:
+        """Book what is about to be sent: the ReadyForQuery messages it will earn, whether an
+        extended-protocol batch stays open, and the start of a round trip for the stats."""
+        server.pending += syncs
+        stats = self.pool.stats
+        stats.query_count += syncs
+        if not self.busy_since:
+            stats.busy(self)
+        if open_batch is not None:
+            server.open_batch = open_batch
+
     def _relay(self) -> None:
         recv = self.sock.recv
         clock = time.monotonic
@@ -468,12 +479,7 @@ class Client:
                     else:
                         server = self.server = self._acquire()
                 if data:
-                    server.pending += syncs
-                    stats.query_count += syncs
-                    if not self.busy_since:
-                        stats.busy(self)
-                    if open_batch is not None:
-                        server.open_batch = open_batch
+                    self._expect(server, syncs, open_batch)
                     self.partial = pos > 0
                     try:
                         send_all(server.sock, data)
@@ -514,12 +520,7 @@ class Client:
             if self.resend is not None:
                 self._keep_for_resend(items)
             pieces, requests, syncs, open_batch = session.translate(items, server.statements)
-            server.pending += syncs
-            stats.query_count += syncs
-            if not self.busy_since:
-                stats.busy(self)
-            if open_batch is not None:
-                server.open_batch = open_batch
+            self._expect(server, syncs, open_batch)
             self.partial = reader.streaming
             if pieces:
                 server.send(pieces[0] if len(pieces) == 1 else b"".join(pieces), requests)
