@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 
 from cluster import base_config, connect_error, deep_merge
+from test_pooling import Super, connect2, fresh_role, q1, su  # noqa: F401  (fixtures)
 from waiting import wait_until
 
 PASSWORD = "secret"
@@ -25,65 +26,6 @@ PASSWORD = "secret"
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-class Super:
-    """An autocommit superuser connection straight to the cluster."""
-
-    def __init__(self, pg, dbname: str = "postgres"):
-        self.conn = psycopg2.connect(pg.dsn(dbname=dbname))
-        self.conn.autocommit = True
-
-    def one(self, sql: str, args=None):
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchone()[0] if cur.description else None
-
-    def backends(self, role: str) -> int:
-        return self.one("select count(*) from pg_stat_activity "
-                        "where usename = %s and backend_type = 'client backend'", (role,))
-
-    def close(self):
-        self.conn.close()
-
-
-@pytest.fixture
-def su(pg):
-    s = Super(pg)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def fresh_role(pg, su):
-    """Factory: a new login role allowed to create tables in database `app`; (role, password)."""
-
-    def make(prefix: str = "r") -> tuple[str, str]:
-        role = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        password = "pw_" + role
-        su.one(f"create role {role} login password %s", (password,))
-        app = Super(pg, "app")
-        try:
-            app.one(f"grant usage, create on schema public to {role}")
-        finally:
-            app.close()
-        return role, password
-
-    return make
-
-
-def connect2(h, user: str = "app.acme", mode: str = "transaction", dbname: str = "postgres",
-             autocommit: bool = True, **kw):
-    kw.setdefault("connect_timeout", 10)
-    conn = psycopg2.connect(h.dsn(user, PASSWORD, mode=mode, dbname=dbname, **kw))
-    conn.autocommit = autocommit
-    return conn
-
-
-def q1(conn, sql: str, args=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()[0]
 
 
 def refused(h, mode: str) -> bool:
