@@ -180,12 +180,8 @@ class Backend:
         Raises ServerError when the connection is gone.
         """
         with self.write_lock:
-            self.tracker.extend(requests)
-            try:
-                send_all(self.sock, data)
-            except OSError:
-                self.close()
-                raise ServerError.unreachable("server connection lost") from None
+            if not self._send_queued(data, requests):
+                raise ServerError.unreachable("server connection lost")
 
     def _answered_error(self, body: bytes) -> None:
         owner = self.owner
@@ -201,12 +197,16 @@ class Backend:
         if self.write_lock.locked():
             return False
         with self.write_lock:
-            self.tracker.extend(requests)
-            try:
-                send_all(self.sock, data)
-            except OSError:
-                self.close()
-                return False
+            return self._send_queued(data, requests)
+
+    def _send_queued(self, data: bytes, requests: list[Request]) -> bool:
+        """Queue the requests and send their bytes (under the write lock); False: connection lost."""
+        self.tracker.extend(requests)
+        try:
+            send_all(self.sock, data)
+        except OSError:
+            self.close()
+            return False
         return True
 
     def _run_pump(self) -> None:
