@@ -21,7 +21,7 @@ from gpooler import protocol as p
 from gpooler import tls
 from gpooler.auth import AuthUnsupported, ServerAuth
 from gpooler.prepared import ServerStatements
-from gpooler.sockets import send_all
+from gpooler.sockets import relay_recv, relay_send
 from gpooler.tracking import Request, Tracker, TrackingError
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Backend:
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], pool: "Pool") -> None:
         self.sock = sock
+        self.write = relay_send(sock)  # everything the relay sends, whole
         self.address = address
         self.pool = pool
         self.generation = 0
@@ -203,14 +204,14 @@ class Backend:
         """Queue the requests and send their bytes (under the write lock); False: connection lost."""
         self.tracker.extend(requests)
         try:
-            send_all(self.sock, data)
+            self.write(data)
         except OSError:
             self.close()
             return False
         return True
 
     def _run_pump(self) -> None:
-        recv = self.sock.recv
+        recv = relay_recv(self.sock)
         walk = p.walk_server
         carry = b""
         pos = 0

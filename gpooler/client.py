@@ -23,7 +23,7 @@ from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
 from gpooler.replicas import Topology
 from gpooler.session_state import Inspection
-from gpooler.sockets import ClientGone, close_after, read_message, send_all
+from gpooler.sockets import ClientGone, close_after, read_message, relay_recv, relay_send
 from gpooler.transparent import ClientSession, target_statement
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Client:
     def __init__(self, daemon: "Daemon", sock: socket.socket, address: tuple, mode: str) -> None:
         self.daemon = daemon
         self.sock = sock
+        self._write = relay_send(sock)  # what the relay forwards, whole
         self.address = address
         self.mode = mode
         self.transaction_mode = mode == "transaction"
@@ -329,7 +330,7 @@ class Client:
             self.forwarded = True
         self.pool.stats.bytes_out += len(data)
         try:
-            send_all(self.sock, data)
+            self._write(data)
         except OSError:
             self._hang_up("client connection lost")
 
@@ -444,7 +445,7 @@ class Client:
             server.open_batch = open_batch
 
     def _relay(self) -> None:
-        recv = self.sock.recv
+        recv = relay_recv(self.sock)
         clock = time.monotonic
         walk = p.walk_client
         stats = self.pool.stats
@@ -482,7 +483,7 @@ class Client:
                     self._expect(server, syncs, open_batch)
                     self.partial = pos > 0
                     try:
-                        send_all(server.sock, data)
+                        server.write(data)
                     except OSError:
                         raise ServerError.unreachable("server connection lost") from None
             if terminate >= 0:
@@ -490,7 +491,7 @@ class Client:
 
     def _relay_transactions(self) -> None:
         """The relay for transaction mode: whole messages, translated for the current server."""
-        recv = self.sock.recv
+        recv = relay_recv(self.sock)
         clock = time.monotonic
         reader = p.MessageReader()
         session = self.session

@@ -1,4 +1,5 @@
-"""The one periodic loop: client timeouts and heartbeats, idle and old server connections, warm pools.
+"""The one periodic loop: client timeouts and heartbeats, checkout deadlines, idle and old server
+connections, warm pools.
 
 Nothing here runs per message: the relay only notes when a client last spoke and when a server
 started working, and this loop, a few times a second, compares those times with the limits.
@@ -53,6 +54,8 @@ class Janitor:
                     log.exception("janitor: checking %s failed", client.describe())
             tenants = self.daemon.config.tenants
             for key, pool in list(self.daemon.pools.items()):
+                if pool.waiters:
+                    pool.expire_waiters(now)
                 tenant = tenants.get(key[0])
                 user = tenant.users.get(key[1]) if tenant is not None else None
                 if user is None:

@@ -8,11 +8,11 @@ connection is handed straight to the first of them, so nobody overtakes a waitin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from gevent import Timeout
 from gevent.event import AsyncResult
 
 from gpooler.backend import Backend, ServerError
@@ -53,7 +53,8 @@ class Pool:
         self.idle: list[Backend] = []
         self.members: set[Backend] = set()
         self.opening = 0
-        self.waiters: deque[AsyncResult] = deque()
+        # Clients waiting for a connection, first come first served: (deadline, waiter, timeout).
+        self.waiters: deque[tuple[float, AsyncResult, float]] = deque()
         self.server_params: dict[str, str] | None = None
         self.reported: dict[tuple[str, str], dict[str, str]] = {}  # setting -> ParameterStatus seen
         self.stats = PoolStats()
@@ -72,18 +73,35 @@ class Pool:
             self.opening += 1
             return self._open()
         waiter = AsyncResult()
-        self.waiters.append(waiter)
+        entry = (time.monotonic() + timeout if timeout else math.inf, waiter, timeout)
+        self.waiters.append(entry)
         try:
-            server = waiter.get(timeout=timeout or None)
-        except Timeout:
-            if not waiter.ready():
-                self.waiters.remove(waiter)
-                raise PoolTimeout(
-                    f"no server connection available within {timeout:g}s (pool {self.name} "
-                    f"has {self.size} connections, all busy)"
-                ) from None
             server = waiter.get()
+        except BaseException:
+            if entry in self.waiters:
+                self.waiters.remove(entry)
+            elif waiter.successful():
+                self._pass_on(waiter.value)
+            raise
         return server if server is not None else self._open()
+
+    def expire_waiters(self, now: float) -> None:
+        """Turn away clients that waited past their deadline (the janitor calls this): one timer
+        for all waiters instead of one per checkout."""
+        for entry in [entry for entry in self.waiters if entry[0] <= now]:
+            self.waiters.remove(entry)
+            entry[1].set_exception(PoolTimeout(
+                f"no server connection available within {entry[2]:g}s (pool {self.name} "
+                f"has {self.size} connections, all busy)"
+            ))
+
+    def _pass_on(self, server: Backend | None) -> None:
+        """A waiter left with what it was handed: a connection goes back, a reserved slot frees."""
+        if server is not None:
+            self.checkin(server)
+        else:
+            self.opening -= 1
+            self._wake()
 
     def _open(self) -> Backend:
         """Open a connection into a slot the caller reserved by counting it in `opening`."""
@@ -121,7 +139,7 @@ class Pool:
             self.discard(server)
             return
         if self.waiters:
-            self.waiters.popleft().set(server)
+            self.waiters.popleft()[1].set(server)
         else:
             self.idle.append(server)
 
@@ -150,7 +168,7 @@ class Pool:
         """Give free slots to waiters, reserving each so no newcomer takes it first."""
         while self.waiters and self.total < self.size:
             self.opening += 1
-            self.waiters.popleft().set(None)
+            self.waiters.popleft()[1].set(None)
 
     def reconfigure(self, target: Target, size: int, max_prepared: int) -> None:
         """Apply a reload in place: new size at once, new target for every future connection."""

@@ -35,6 +35,12 @@ _COMPLETES = {
     p.DESCRIBE: frozenset(b"Tn"),
     p.EXECUTE: frozenset(b"CIs"),
 }
+# For a forwarded request that many messages answer, the messages that matter to the books: its
+# completion, an error, a ReadyForQuery. Everything else passes straight to the client.
+_STOPS = {
+    p.QUERY: frozenset(b"EZ"),
+    p.EXECUTE: frozenset(b"EZ") | _COMPLETES[p.EXECUTE],
+}
 _DROP = bytearray()  # a sink that is never read
 
 
@@ -168,6 +174,15 @@ class Tracker:
                         ready += 1
                         status = self.last_status
                     request.finish(True)
+            if queue and queue[0].action == FORWARD:
+                # Rows and the like change nothing in the books: step over them to what does.
+                stops = _STOPS.get(queue[0].kind)
+                if stops is not None:
+                    while i + 5 <= n and data[i] not in stops:
+                        end = i + 1 + unpack(data, i + 1)[0]
+                        if end > n:
+                            break
+                        i = end
             if i + 5 > n:
                 break
             kind = data[i]

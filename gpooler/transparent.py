@@ -75,6 +75,9 @@ _TRIGGER_WORDS = frozenset(
 _FIRST_WORD = re.compile(rb"\s*([a-z_]+)")  # no match (a comment, a parenthesis): classify
 # calls, temporary relations, or a second statement
 _ANYWHERE = re.compile(rb"set_config|advisory|pg_temp|\btemp(?:orary)?\b|;\s*\S")
+# A looser _ANYWHERE that the regex engine scans several times faster (no word boundary in front):
+# most statements match neither, and only those that match this one need the exact test.
+_ANYWHERE_LOOSELY = re.compile(rb"set_config|advisory|temp|;\s*\S")
 _MAY_UNPIN = re.compile(rb"(?i)(?:^|;)\s*(?:drop|close)\b")
 # gpooler's own session setting: where this client's statements go. Answered by gpooler, never
 # sent to Postgres.
@@ -91,8 +94,6 @@ def bad_target(value: str) -> str:
 
 def target_statement(text: bytes) -> tuple[str, str] | None:
     """("set", value) / ("reset", "") / ("show", "") for a gpooler.target statement, else None."""
-    if b"gpooler" not in text[:40].lower():
-        return None
     found = _TARGET.match(text)
     if found is None:
         return None
@@ -106,7 +107,7 @@ def effects(text: bytes) -> Effects | None:
     lowered = text.lower()
     first = _FIRST_WORD.match(lowered)
     if first is not None and first.group(1) not in _TRIGGER_WORDS:
-        if _ANYWHERE.search(lowered) is None:
+        if _ANYWHERE_LOOSELY.search(lowered) is None or _ANYWHERE.search(lowered) is None:
             return None
     return _classified(text)
 
