@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,6 +14,7 @@ import psycopg2
 import pytest
 
 from cluster import base_config
+from netns import namespace
 from waiting import wait_until
 
 PASSWORD = "secret"
@@ -24,6 +27,17 @@ def backends(pg, role: str = "u_scram") -> list[int]:
             cur.execute("select pid from pg_stat_activity where usename = %s "
                         "and backend_type = 'client backend' order by pid", (role,))
             return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def wait_event(pg, pid: int) -> str | None:
+    """What server process `pid` waits for, as pg_stat_activity says (ClientWrite, ...)."""
+    conn = psycopg2.connect(pg.dsn())
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select wait_event from pg_stat_activity where pid = %s", (pid,))
+            return cur.fetchone()[0]
     finally:
         conn.close()
 
@@ -146,3 +160,77 @@ def test_heartbeat_reaches_idle_clients(pg, gpooler):
         assert chunk, "connection closed before a heartbeat"
         received += chunk
     sock.close()
+
+
+# A client in a network namespace: it logs in, takes the server connection and prints its pid.
+# Then it idles (in session mode), idles inside a transaction (in transaction mode), or stalls in
+# the middle of a large COPY result, having announced it, until the test cuts its link.
+ZOMBIE = """
+import sys, psycopg2
+dsn, how = sys.argv[1:]
+conn = psycopg2.connect(dsn)
+conn.autocommit = how != "in_transaction"
+cur = conn.cursor()
+cur.execute("select pg_backend_pid()")
+print(cur.fetchone()[0], flush=True)
+
+class Stall:
+    def write(self, data):
+        print("stalled", flush=True)
+        sys.stdin.read()
+
+if how == "stalled":
+    cur.copy_expert("copy (select repeat('x', 1000) from generate_series(1, 1000000)) to stdout",
+                    Stall())
+sys.stdin.read()
+"""
+HEARTBEAT_INTERVAL = 1.0
+
+
+@pytest.fixture
+def netns():
+    with namespace() as ns:
+        yield ns
+
+
+@pytest.mark.parametrize("how, mode", [("idle", "session"), ("in_transaction", "transaction"),
+                                       ("stalled", "session")])
+def test_zombie_client_is_dropped_and_its_slot_returns(pg, gpooler, netns, how, mode):
+    """A client that vanishes without a FIN (its link cut: no ACK, no reset) while holding the
+    pool's only server connection is dropped within about two heartbeat intervals, and the next
+    client gets the slot. Idle in session mode, heartbeats and TCP keepalive go unanswered; idle
+    in a transaction, only keepalive; stalled mid-result, gpooler's send to it waits on a full
+    buffer, and only TCP_USER_TIMEOUT ends the wait."""
+    cfg = config(pg, client_heartbeat_interval=HEARTBEAT_INTERVAL, pool_size=1,
+                 pool_checkout_timeout=3)
+    cfg["listen"] = [{"host": netns.host_addr, "mode": mode}]
+    h = gpooler(cfg)
+    zombie = netns.popen([sys.executable, "-c", ZOMBIE,
+                          h.dsn("app.acme", PASSWORD, mode=mode, connect_timeout=5), how],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = zombie.stdout.readline().strip()
+        assert server_pid.isdigit(), "the client in the namespace did not get a server connection"
+        h.wait_log(f"client connected: tenant=acme user=app addr={netns.peer_addr}:")
+        if how == "stalled":  # wait until Postgres cannot write because gpooler cannot send
+            assert zombie.stdout.readline() == "stalled\n"
+            wait_until(lambda: wait_event(pg, int(server_pid)) == "ClientWrite", 10,
+                       "the server connection to block on the stalled client")
+        else:  # else a reply not yet acknowledged would be retransmitted and time out by itself
+            wait_until(lambda: netns.unacked() == 0, 5, "the client to acknowledge all it got")
+        netns.cut()
+        line = h.wait_log(f"client disconnected: tenant=acme user=app addr={netns.peer_addr}:",
+                          timeout=3 * HEARTBEAT_INTERVAL)
+        reasons = ["connection error: Connection timed out"]
+        if how == "stalled":  # the blocked send may notice first
+            reasons.append("client connection lost")
+        assert line.split(" reason=")[1] in reasons
+        other = psycopg2.connect(h.dsn("app.acme", PASSWORD, mode=mode, connect_timeout=5))
+        with other.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            if how != "stalled":  # a connection left mid-result is closed, not handed on
+                assert cur.fetchone() == (int(server_pid),), "the zombie's server connection was lost"
+        other.close()
+    finally:
+        zombie.kill()
+        zombie.wait()
