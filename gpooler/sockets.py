@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Callable
 
@@ -33,10 +34,15 @@ def relay_recv(sock: socket.socket) -> Callable[[int], bytes]:
     """
     if not _plain(sock):
         return sock.recv
-    wait, readable, raw_recv = sock._wait, sock._read_event, sock._sock.recv
+    wait, raw_recv = sock._wait, sock._sock.recv
 
     def recv(size: int) -> bytes:
         while True:
+            # Looked up each time: closing the socket (from any greenlet) drops its watchers, and
+            # waiting on a dropped one would poll a file descriptor that may be gone.
+            readable = sock._read_event
+            if readable is None:
+                raise OSError(errno.EBADF, "socket closed")
             wait(readable)
             try:
                 return raw_recv(size)
