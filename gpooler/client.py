@@ -250,6 +250,11 @@ class Client:
     # ---------------------------------------------------------------- server connections
 
     def _checkout(self, pool: Pool) -> Backend:
+        if not self.daemon.pause.active:
+            server = pool.idle_server()
+            if server is not None:  # no wait: nothing to time
+                pool.stats.wait_count += 1
+                return server
         pool.stats.waiting[self] = start = time.monotonic()
         try:
             if self.daemon.pause.active:

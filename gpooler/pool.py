@@ -65,10 +65,9 @@ class Pool:
 
     def checkout(self, timeout: float) -> Backend:
         """A logged-in, idle connection; raises PoolTimeout or ServerError."""
-        while self.idle:
-            server = self.idle.pop()
-            if not server.broken and not (self.verify_idle and server.hung_up()):
-                return server
+        server = self.idle_server()
+        if server is not None:
+            return server
         if self.total < self.size and not self.waiters:
             self.opening += 1
             return self._open()
@@ -84,6 +83,14 @@ class Pool:
                 self._pass_on(waiter.value)
             raise
         return server if server is not None else self._open()
+
+    def idle_server(self) -> Backend | None:
+        """The most recently used idle connection that is still good, if any."""
+        while self.idle:
+            server = self.idle.pop()
+            if not server.broken and not (self.verify_idle and server.hung_up()):
+                return server
+        return None
 
     def expire_waiters(self, now: float) -> None:
         """Turn away clients that waited past their deadline (the janitor calls this): one timer
