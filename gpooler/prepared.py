@@ -65,21 +65,23 @@ class ServerStatements:
 class Rewriter:
     """Turns one client's extended-protocol messages into what one server connection needs.
 
-    Each method returns the bytes to send and appends to `requests` what the tracker must expect,
-    in the same order as the bytes.
+    Each method returns the bytes to send, or None when the client's message goes as it is, and
+    appends to `requests` what the tracker must expect, in the same order as the bytes.
     """
 
     def __init__(self, client: ClientStatements, server: ServerStatements) -> None:
         self.client = client
         self.server = server
 
+    def in_use(self, name: bytes) -> bool:
+        """Whether the client already has a statement of this name: a Parse of it fails (42P05)."""
+        return bool(name) and name in self.client.parsed
+
     def parse(self, body: bytes, requests: list[Request]) -> bytes | None:
-        """A Parse; None means the client named a statement it already has (42P05)."""
+        """A Parse of a name not in use (see in_use)."""
         name, definition = _split_name(body)
         if not name:
             requests.append(plain(p.PARSE))
-            return p.message(b"P", body)
-        if name in self.client.parsed:
             return None
         sname = server_name(definition)
         message = p.message(b"P", sname + b"\0" + definition)
@@ -94,32 +96,32 @@ class Rewriter:
         requests.append(Request(p.PARSE, FORWARD, on_done=self._forget(name, sname, True)))
         return evicted + message
 
-    def bind(self, body: bytes, requests: list[Request]) -> bytes:
+    def bind(self, body: bytes, requests: list[Request]) -> bytes | None:
         """A Bind of a known statement can be retried once if DDL made its cached plan stale."""
         portal, rest = _split_name(body)
         statement, tail = _split_name(rest)
-        prepare, sname = self._ensure(statement, requests)
-        message = p.message(b"B", portal + b"\0" + sname + b"\0" + tail)
         known = self.client.parsed.get(statement) if statement else None
         if known is None:
             requests.append(plain(p.BIND))
-        else:
-            again = p.message(b"C", b"S" + sname + b"\0") + known[1]
-            requests.append(Request(p.BIND, retry=Retry(again, b"CP", [message]),
-                                    rename=(sname, statement)))
+            return None
+        prepare, sname = self._ensure(known, requests)
+        message = p.message(b"B", portal + b"\0" + sname + b"\0" + tail)
+        again = p.message(b"C", b"S" + sname + b"\0") + known[1]
+        requests.append(Request(p.BIND, retry=Retry(again, b"CP", [message]),
+                                rename=(sname, statement)))
         return prepare + message
 
-    def describe(self, body: bytes, requests: list[Request]) -> bytes:
-        if body[:1] != b"S":
+    def describe(self, body: bytes, requests: list[Request]) -> bytes | None:
+        statement = _split_name(body[1:])[0] if body[:1] == b"S" else b""
+        known = self.client.parsed.get(statement) if statement else None
+        if known is None:  # a portal, or a name Postgres will report as unknown
             requests.append(plain(p.DESCRIBE))
-            return p.message(b"D", body)
-        statement, _ = _split_name(body[1:])
-        prepare, sname = self._ensure(statement, requests)
-        requests.append(Request(p.DESCRIBE, rename=(sname, statement)) if sname != statement
-                        else plain(p.DESCRIBE))
+            return None
+        prepare, sname = self._ensure(known, requests)
+        requests.append(Request(p.DESCRIBE, rename=(sname, statement)))
         return prepare + p.message(b"D", b"S" + sname + b"\0")
 
-    def close(self, body: bytes, requests: list[Request]) -> bytes:
+    def close(self, body: bytes, requests: list[Request]) -> bytes | None:
         """Closing a named statement only forgets the client's name: others may share it."""
         if body[:1] == b"S":
             statement, _ = _split_name(body[1:])
@@ -128,16 +130,14 @@ class Rewriter:
                 requests.append(Request(p.CLOSE, SYNTH, CLOSE_COMPLETE))
                 return b""
         requests.append(plain(p.CLOSE))
-        return p.message(b"C", body)
+        return None
 
-    def _ensure(self, statement: bytes, requests: list[Request]) -> tuple[bytes, bytes]:
+    def _ensure(self, known: tuple[bytes, bytes], requests: list[Request]) -> tuple[bytes, bytes]:
         """Prepare a client statement on this server if needed: (bytes to send first, its name).
 
-        An unknown name goes through unchanged, so Postgres reports it exactly as it would.
+        Names the client never prepared go through unchanged, so Postgres reports them exactly as
+        it would.
         """
-        known = self.client.parsed.get(statement) if statement else None
-        if known is None:
-            return b"", statement
         sname, parse = known
         server = self.server.parsed
         if sname in server:

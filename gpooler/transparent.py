@@ -237,7 +237,7 @@ class ClientSession:
         _wake_if_needed(out, requests)
         return out, requests, syncs, open_batch
 
-    def _parse(self, body: bytes, rewriter: Rewriter, requests: list[Request]) -> bytes:
+    def _parse(self, body: bytes, rewriter: Rewriter, requests: list[Request]) -> bytes | None:
         name_end = body.find(b"\0")
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
@@ -260,10 +260,12 @@ class ClientSession:
                 # SQL EXECUTE/DEALLOCATE by Parse: the hidden PREPARE replay is a Query, which
                 # may only go where it cannot end an implicit transaction early.
                 ensure = self._ensure_all(found.prepared, rewriter.server, requests)
-        message = rewriter.parse(body, requests)
-        if message is None:
+        if rewriter.in_use(body[:name_end]):
             return self._fail(already_exists(body[:name_end]), requests)
-        return ensure + message
+        message = rewriter.parse(body, requests)
+        if message is None and not ensure:
+            return None
+        return ensure + (p.message(b"P", body) if message is None else message)
 
     def _local_message(self, kind: int, body: bytes, requests: list[Request]) -> bytes | None:
         """Answer Bind/Describe/Execute/Close of a gpooler.target statement or its portal:
