@@ -7,6 +7,9 @@ Environment:
     BENCH_GPOOLER_WORKERS  gpooler `workers` (default 1; PgBouncer is single-threaded too)
     BENCH_TARGETS          comma list out of direct,pgbouncer,gpooler (default: all)
     BENCH_REPLICA          0 to skip the read-replica run (default: run it)
+    BENCH_ROUNDS           rounds of every workload, targets taking turns in each (default 1);
+                           with more, each cell is the round with the median throughput, which
+                           keeps one noisy moment on a shared machine from deciding a ratio
 """
 
 import os
@@ -98,6 +101,14 @@ def start_gpooler(pg, workdir, replicas=()):
     return cfg["listen"][0]["port"], None
 
 
+def median_run(tries):
+    """The run with the median throughput, or the first failure: one failed round fails the cell."""
+    failed = [r for r in tries if not r.ok]
+    if failed:
+        return failed[0]
+    return sorted(tries, key=lambda r: r.tps)[len(tries) // 2]
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -107,9 +118,11 @@ def main():
     seconds = env_int("BENCH_SECONDS", 10)
     scale = env_int("BENCH_SCALE", 10)
     clients = env_int("BENCH_CLIENTS", 32)
+    rounds = max(1, env_int("BENCH_ROUNDS", 1))
     wanted = [t.strip() for t in os.environ.get("BENCH_TARGETS", "direct,pgbouncer,gpooler").split(",")]
 
-    say(f"== gpooler bench: {seconds}s per run, pgbench scale {scale}, pool size {POOL_SIZE} ==")
+    say(f"== gpooler bench: {seconds}s per run, {rounds} round(s), pgbench scale {scale}, "
+        f"pool size {POOL_SIZE} ==")
     pg = cluster.Cluster()
     c.on_exit(pg.stop)
     pg.start()
@@ -161,23 +174,27 @@ def main():
     results = {}
     notes = []
     for wl, args in workloads:
-        for name in names:
-            if name not in usable:
-                continue
-            port, user = usable[name]
-            print(f"  {wl:34} {name:10}", end="", flush=True)
-            prefix = os.path.join(workdir, f"log_{name}_{len(results)}")
-            r = c.pgbench(bindir, args + ["-n", "-T", str(seconds)], "127.0.0.1", port, user,
-                          PASSWORD, DB, timeout=seconds + 60, log_prefix=prefix)
-            for f in os.listdir(workdir):
-                if f.startswith(os.path.basename(prefix) + "."):
-                    os.unlink(os.path.join(workdir, f))
-            results[(wl, name)] = r
-            if r.ok:
-                say(f"{r.tps:10,.0f} tps  avg {r.lat_avg:.3f} ms  p99 {fmt(r.p99, '.3f')} ms")
-            else:
-                say(f"  failed: {r.error}")
-                notes.append(f"{name} / {wl}: {r.error}")
+        runs = {}
+        for turn in range(rounds):
+            for name in names:
+                if name not in usable:
+                    continue
+                port, user = usable[name]
+                print(f"  {wl:34} {name:10}", end="", flush=True)
+                prefix = os.path.join(workdir, f"log_{name}_{len(results)}_{turn}")
+                r = c.pgbench(bindir, args + ["-n", "-T", str(seconds)], "127.0.0.1", port, user,
+                              PASSWORD, DB, timeout=seconds + 60, log_prefix=prefix)
+                for f in os.listdir(workdir):
+                    if f.startswith(os.path.basename(prefix) + "."):
+                        os.unlink(os.path.join(workdir, f))
+                runs.setdefault(name, []).append(r)
+                if r.ok:
+                    say(f"{r.tps:10,.0f} tps  avg {r.lat_avg:.3f} ms  p99 {fmt(r.p99, '.3f')} ms")
+                else:
+                    say(f"  failed: {r.error}")
+                    notes.append(f"{name} / {wl}: {r.error}")
+        for name, tries in runs.items():
+            results[(wl, name)] = median_run(tries)
 
     def cell_tps(wl, name):
         r = results.get((wl, name))
@@ -204,7 +221,8 @@ def main():
             for wl, _ in workloads]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     say("")
-    say(f"Results ({seconds}s per run, transaction pooling, pool size {POOL_SIZE}, "
+    say(f"Results ({seconds}s per run, {'median of ' + str(rounds) + ' rounds, ' if rounds > 1 else ''}"
+        f"transaction pooling, pool size {POOL_SIZE}, "
         f"{os.cpu_count()} CPUs shared by Postgres, poolers and pgbench):")
     line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
     say(line)
