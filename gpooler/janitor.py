@@ -15,6 +15,7 @@ import gevent
 from gpooler import protocol as p
 from gpooler.backend import IDLE
 from gpooler.cancel import CancelKeys
+from gpooler.config import find_user
 
 if TYPE_CHECKING:
     from gpooler.client import Client
@@ -54,7 +55,7 @@ class Janitor:
             tenants = self.daemon.config.tenants
             for key, pool in list(self.daemon.pools.items()):
                 tenant = tenants.get(key[0])
-                user = tenant.users.get(key[1]) if tenant is not None else None
+                user = find_user(tenant, key[1]) if tenant is not None else None
                 if user is None:
                     continue  # removed by a reload: the pool closes as its connections come back
                 try:
