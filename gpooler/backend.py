@@ -19,7 +19,7 @@ from gevent.lock import Semaphore
 
 from gpooler import protocol as p
 from gpooler import tls
-from gpooler.auth import AuthUnsupported, ServerAuth
+from gpooler.auth import AuthUnsupported, Credential, ServerAuth
 from gpooler.prepared import ServerStatements
 from gpooler.sockets import relay_recv, relay_send
 from gpooler.tracking import Request, Tracker, TrackingError
@@ -104,7 +104,7 @@ class Backend:
         cls,
         address: tuple[str, int],
         user: str,
-        password: str | None,
+        password: Credential,
         database: str,
         pool: "Pool",
     ) -> "Backend":
@@ -129,7 +129,7 @@ class Backend:
         server._pump = gevent.spawn(server._run_pump)
         return server
 
-    def _login(self, user: str, password: str | None, database: str) -> None:
+    def _login(self, user: str, password: Credential, database: str) -> None:
         sock = self.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(p.startup_message({"user": user, "database": database}))

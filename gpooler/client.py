@@ -102,8 +102,8 @@ class Client:
             name = f"user={logs.safe(self.login_name)} " if self.login_name else ""
             return f"{name}addr={self.peer}"
         return (
-            f"tenant={self.login.tenant.id} user={self.login.user.name} addr={self.peer} "
-            f"db={self.login.database} mode={self.mode}"
+            f"tenant={self.login.tenant.id} user={logs.safe(self.login.user.name)} "
+            f"addr={self.peer} db={self.login.database} mode={self.mode}"
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -235,6 +235,9 @@ class Client:
 
     def _authenticate(self, login: Login) -> None:
         user = login.user
+        if user.name not in login.tenant.users:  # a role auth_query vouches for
+            self.daemon.use_credential(login, self.daemon.auth_query.login(self.sock, login))
+            return
         exchange = client_auth(user.auth_type, user.password, login.login_name)
         authenticate(self.sock, exchange, login.login_name)
 

@@ -28,7 +28,7 @@ import yaml
 __all__ = [
     "ConfigError", "ListenConfig", "AdminConfig", "StatsdConfig", "TlsConfig", "ServerAddress",
     "UserConfig", "TenantConfig", "Config", "FrozenDict", "Setting", "Derived", "REQUIRED",
-    "SETTINGS", "parse_config", "load_config", "password_kind",
+    "SETTINGS", "parse_config", "load_config", "password_kind", "find_user",
 ]
 
 
@@ -149,7 +149,15 @@ class TenantConfig:
     max_replica_lag: float
     read_your_writes: bool
     health_check_interval: float
+    auth_user: str | None
+    auth_query: str
+    auth_dbname: str | None
+    auth_query_cache_ttl: float
+    auth_query_refetch_interval: float
     users: Mapping[str, UserConfig]
+    # With auth_user: the settings of a user not listed under users (the defaults -> tenant
+    # cascade); find_user() names it.
+    unlisted_user: UserConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -482,6 +490,9 @@ _AUTH_TYPES = ("scram-sha-256", "md5", "plain")
 _SESSION_FEATURES = ("pin", "error")
 _LOAD_BALANCE = ("random", "least_busy")
 _SERVER_TLS = ("disable", "prefer", "require", "verify-ca", "verify-full")
+# PgBouncer's default: the role's password unless it expired, for roles that may log in.
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword "
+                      "END FROM pg_authid WHERE rolname = $1 AND rolcanlogin")
 
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
@@ -567,6 +578,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_check_interval", "tenant", _number, 1.0, _positive,
             "seconds between probes of each member (role, health, replay position)",
             cascade=True),
+    Setting("auth_user", "tenant", _string, None, _not_empty,
+            "a user of the tenant's users whose server_user and server_password run auth_query; "
+            "with it set, clients may also log in as Postgres roles not listed under users",
+            cascade=True),
+    Setting("auth_query", "tenant", _string, DEFAULT_AUTH_QUERY, _not_empty,
+            "the query that finds a role's secret: $1 is the role name, the second column of the "
+            "first row its md5 hash or SCRAM verifier (no row or NULL: refused)", cascade=True),
+    Setting("auth_dbname", "tenant", _string, None, _not_empty,
+            "the database auth_query runs in; default: the tenant's database", cascade=True),
+    Setting("auth_query_cache_ttl", "tenant", _number, 60.0, _non_negative,
+            "seconds a role's secret (or its absence) is used before auth_query is asked again "
+            "(0 = ask at every login)", cascade=True),
+    Setting("auth_query_refetch_interval", "tenant", _number, 1.0, _non_negative,
+            "after a failed login, auth_query is asked again for the role, at most once per this "
+            "many seconds per role", cascade=True),
     Setting("users", "tenant", _mapping, REQUIRED, _not_empty, "user name -> user"),
 
     Setting("host", "replica", _string, REQUIRED, _not_empty, "replica address"),
@@ -766,10 +792,45 @@ def _tenant(tenant_id: object, raw: Any, path: str, defaults: Found,
     if values is None or problem or None in users.values():
         return None
     plain = {k: v for k, (v, _) in values.items()}
+    if plain["auth_user"] is not None:
+        plain["unlisted_user"] = _unlisted_user(values["auth_user"], users, inherited, path,
+                                                errors)
+        if plain["unlisted_user"] is None:
+            return None
     plain["replicas"] = tuple(r if r.port is not None else replace(r, port=plain["port"])
                               for r in plain["replicas"])
     plain["users"] = FrozenDict(users)
     return TenantConfig(id=tenant_id, **plain)
+
+
+def _unlisted_user(auth_user: tuple[str, str], users: dict[str, UserConfig], inherited: Found,
+                   path: str, errors: list[str]) -> UserConfig | None:
+    """Check auth_user, and the settings of the users auth_query lets in: a user record with no
+    password of its own, completed from the cascade like a listed one. None: reported."""
+    name, origin = auth_user
+    where = f" (set at {origin})" if origin != _join(path, "auth_user") else ""
+    user = users.get(name)
+    if user is None:
+        errors.append(f"{_join(path, 'auth_user')}: \"{name}\" is not one of this tenant's "
+                      f"users{where}")
+        return None
+    if user.server_password is not None and password_kind(user.server_password) == "md5":
+        errors.append(f"{_join(path, 'auth_user')}: the server_password of \"{name}\" is an md5 "
+                      f"hash, which auth_query cannot log in with: give it in plain text{where}")
+        return None
+    values = _complete("user", {"password": ("", ""), "server_password": (None, "")}, inherited,
+                       path, errors, extra={"name": ""})
+    return None if values is None else UserConfig(name="", **{k: v for k, (v, _) in
+                                                              values.items()})
+
+
+def find_user(tenant: TenantConfig, name: str) -> UserConfig | None:
+    """The tenant's user `name`: the listed one, else (with auth_user) a Postgres role of that
+    name that auth_query will vouch for, with the settings from defaults and the tenant."""
+    user = tenant.users.get(name)
+    if user is None and tenant.unlisted_user is not None:
+        user = replace(tenant.unlisted_user, name=name, server_user=name)
+    return user
 
 
 def _expand(node: Any, path: str, environ: Mapping[str, str], errors: list[str]) -> Any:

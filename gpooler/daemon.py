@@ -17,6 +17,8 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from gpooler import admin, listener, logs, tls
+from gpooler.auth import Credential
+from gpooler.auth_query import AuthQueries
 from gpooler.cancel import CancelKeys
 from gpooler.janitor import Janitor
 from gpooler.client import Client
@@ -26,6 +28,7 @@ from gpooler.config import (
     ListenConfig,
     TenantConfig,
     UserConfig,
+    find_user,
     load_config,
 )
 from gpooler.login import Login, Refusal
@@ -37,8 +40,9 @@ from gpooler.stats import Stats
 log = logging.getLogger(__name__)
 
 
-def pool_target(tenant: TenantConfig, user: UserConfig, database: str) -> Target:
-    return Target(tenant.host, tenant.port, user.server_user, user.server_password, database,
+def pool_target(tenant: TenantConfig, user: UserConfig, database: str,
+                password: Credential) -> Target:
+    return Target(tenant.host, tenant.port, user.server_user, password, database,
                   tls.server_tls(tenant))
 
 
@@ -77,6 +81,9 @@ class Daemon:
         self._idle = Event()
         self.stats = Stats(self)  # counters and the StatsD push (stats.py)
         self.pause = admin.Pause()  # PAUSE/RESUME on the admin console
+        self.auth_query = AuthQueries()  # secrets of the roles not listed under users
+        # (tenant, role) -> what the last auth_query login of the role proved, for its pools
+        self.credentials: dict[tuple[str, str], Credential] = {}
 
     # ---------------------------------------------------------------- run
 
@@ -123,10 +130,15 @@ class Daemon:
         """
         self.config = config
         self._start_topologies()
+        self.auth_query.reconfigure(config)
+        for key in list(self.credentials):
+            tenant = config.tenants.get(key[0])
+            if tenant is None or tenant.auth_user is None or key[1] in tenant.users:
+                del self.credentials[key]
         for key, pool in list(self.pools.items()):
             tenant_id, user_name, database = key[:3]
             tenant = config.tenants.get(tenant_id)
-            user = tenant.users.get(user_name) if tenant is not None else None
+            user = find_user(tenant, user_name) if tenant is not None else None
             member = key[3:]
             if user is not None and member:
                 known = {(r.host, r.port) for r in tenant.replicas}
@@ -136,7 +148,7 @@ class Daemon:
                 pool.close()
                 log.info("pool %s removed", pool.name)
             else:
-                target = pool_target(tenant, user, database)
+                target = self._target(tenant, user, database)
                 if member:
                     target = replace(target, host=member[0], port=member[1])
                 pool.reconfigure(target, user.pool_size, user.max_prepared_statements)
@@ -205,6 +217,7 @@ class Daemon:
 
     def _close_everything(self) -> None:
         self.janitor.stop()
+        self.auth_query.close()
         for topology in self.topologies.values():
             topology.stop()
         for client in self.cancel_keys.clients():
@@ -222,19 +235,39 @@ class Daemon:
         """
         tenant = login.tenant
         key = (tenant.id, login.user.name, login.database)
-        name = f"{key[1]}.{key[0]}/{key[2]}"
-        target = pool_target(tenant, login.user, login.database)
-        if member is not None and member.address != (tenant.host, tenant.port):
+        elsewhere = member is not None and member.address != (tenant.host, tenant.port)
+        if elsewhere:
             key += member.address
-            name += f"@{member}"
-            target = replace(target, host=member.host, port=member.port)
         pool = self.pools.get(key)
         if pool is None:
+            name = f"{key[1]}.{key[0]}/{key[2]}"
+            target = self._target(tenant, login.user, login.database)
+            if elsewhere:
+                name += f"@{member}"
+                target = replace(target, host=member.host, port=member.port)
             pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
             pool.verify_idle = member is not None
             pool.lifetime = login.user.server_lifetime
             self.pools[key] = pool
         return pool
+
+    def _target(self, tenant: TenantConfig, user: UserConfig, database: str) -> Target:
+        """A listed user logs in to Postgres with its server_password; a role auth_query let in
+        with what its latest client proved."""
+        if user.name in tenant.users:
+            return pool_target(tenant, user, database, user.server_password)
+        return pool_target(tenant, user, database, self.credentials.get((tenant.id, user.name)))
+
+    def use_credential(self, login: Login, credential: Credential) -> None:
+        """A client of an unlisted role logged in: its pools open connections with what it proved
+        from now on. Open connections stay: Postgres keeps sessions whose password changed."""
+        key = (login.tenant.id, login.user.name)
+        if self.credentials.get(key) == credential:
+            return
+        self.credentials[key] = credential
+        for pool_key, pool in self.pools.items():
+            if pool_key[:2] == key:
+                pool.use_password(credential)
 
     def busy_on(self, tenant_id: str):
         """For load_balance least_busy: server connections in use on a member, over all pools."""

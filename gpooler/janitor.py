@@ -16,6 +16,7 @@ import gevent
 from gpooler import protocol as p
 from gpooler.backend import IDLE
 from gpooler.cancel import CancelKeys
+from gpooler.config import find_user
 
 if TYPE_CHECKING:
     from gpooler.client import Client
@@ -57,7 +58,7 @@ class Janitor:
                 if pool.waiters:
                     pool.expire_waiters(now)
                 tenant = tenants.get(key[0])
-                user = tenant.users.get(key[1]) if tenant is not None else None
+                user = find_user(tenant, key[1]) if tenant is not None else None
                 if user is None:
                     continue  # removed by a reload: the pool closes as its connections come back
                 try:

@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from gpooler import protocol as p
-from gpooler.config import Config, TenantConfig, UserConfig
+from gpooler.config import Config, TenantConfig, UserConfig, find_user
 
 # Startup parameters that are about the connection, not settings for the server session.
 _CONNECTION_PARAMS = frozenset({"user", "database", "options", "replication"})
@@ -77,7 +77,7 @@ def resolve(config: Config, params: dict[str, str], sni_host: str | None = None)
     tenant = tenants.get(tenant_id)
     if tenant is None:
         raise Refusal("28000", f'unknown tenant "{tenant_id}"')
-    user = tenant.users.get(user_name)
+    user = find_user(tenant, user_name)
     if user is None:
         raise Refusal("28000", f'unknown user "{user_name}" in tenant "{tenant_id}"')
     database = params.get("database") or tenant.database

@@ -208,7 +208,6 @@ _H = Rule(handled=True)
 _LOGS = "gpooler logs to stderr only: let the service manager (systemd, docker) collect it"
 _NO_UNIX = "gpooler listens on TCP only, not on a Unix socket"
 _DNS = "gpooler resolves host names with the system resolver at each new server connection"
-_NO_AUTH_QUERY = "gpooler cannot look passwords up in Postgres: every user must be in the YAML"
 _NO_SERVER_CERT = "gpooler presents no client certificate to Postgres"
 _SERVER_TLS_DEFAULTS = "gpooler speaks TLS 1.2 or later to Postgres, with OpenSSL's default ciphers"
 _LIMITS = ("gpooler's limits are pool_size per (tenant, user, database) and max_clients per "
@@ -272,9 +271,9 @@ RULES: dict[str, Rule] = {
                           "allow_list", harmless=("",)),
     "auth_ident_file": Rule("gpooler has no ident maps"),
     "auth_file": _H,
-    "auth_user": _future("str", "auth_user", reason=_NO_AUTH_QUERY),
-    "auth_query": _future("str", "auth_query", reason=_NO_AUTH_QUERY),
-    "auth_dbname": _future("str", "auth_dbname", reason=_NO_AUTH_QUERY),
+    "auth_user": _future("str", "auth_user"),
+    "auth_query": _future("str", "auth_query"),
+    "auth_dbname": _future("str", "auth_dbname"),
     "auth_ldap_options": Rule("gpooler has no LDAP authentication"),
     # logging
     "syslog": Rule(_LOGS, harmless=("0",)),

@@ -11,10 +11,11 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gevent.event import AsyncResult
 
+from gpooler.auth import Credential
 from gpooler.backend import Backend, ServerError
 from gpooler.stats import PoolStats
 from gpooler.tls import ServerTls
@@ -33,7 +34,7 @@ class Target:
     host: str
     port: int
     user: str
-    password: str | None
+    password: Credential  # a password, an md5 hash, or SCRAM keys (auth_query)
     database: str
     tls: ServerTls = ServerTls()
 
@@ -196,6 +197,11 @@ class Pool:
             server.close()
             self.discard(server)
         self._wake()
+
+    def use_password(self, password: Credential) -> None:
+        """Log in with this from now on (auth_query: a client proved the role's new password);
+        the open connections stay."""
+        self.target = replace(self.target, password=password)
 
     def close(self) -> None:
         """Close what is idle; busy connections are closed as they come back."""

@@ -198,6 +198,18 @@ def server_tls(tenant: "TenantConfig") -> ServerTls:
     return ServerTls(tenant.server_tls, tenant.server_tls_ca_file)
 
 
+def libpq_params(settings: ServerTls) -> dict[str, str]:
+    """The same TLS for a connection gpooler makes through libpq (psycopg2: auth_query).
+
+    Without server_tls_ca_file, verify-ca and verify-full trust the system's CAs (libpq's
+    `sslrootcert=system`), as gpooler's own server connections do.
+    """
+    params = {"sslmode": settings.mode}
+    if settings.mode in ("verify-ca", "verify-full"):
+        params["sslrootcert"] = settings.ca_file or "system"
+    return params
+
+
 _server_contexts: dict[ServerTls, ssl.SSLContext] = {}
 
 

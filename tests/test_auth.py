@@ -437,27 +437,27 @@ def test_server_auth_scram_against_scramp_server():
     assert seen_users == ["svc"]
 
 
-def test_server_auth_scram_wrong_password_is_refused_by_scramp():
-    mechanism = ScramMechanism()
-    auth_info = mechanism.make_auth_info("right", iteration_count=4096)
-    server = mechanism.make_server(lambda username: auth_info)
-    client = auth.ServerAuth("svc", "wrong")
+def scramp_server_until_final(client: auth.ServerAuth, auth_info: tuple):
+    """Drive ServerAuth against scramp's server up to the client's final message: (server, it)."""
+    server = ScramMechanism().make_server(lambda username: auth_info)
     _, body = parse_frontend(client.respond(10, b"SCRAM-SHA-256\0\0"))
     server.set_client_first(body[body.index(b"\0") + 5 :].decode())
     _, client_final = parse_frontend(client.respond(11, server.get_server_first().encode()))
+    return server, client_final.decode()
+
+
+def test_server_auth_scram_wrong_password_is_refused_by_scramp():
+    auth_info = ScramMechanism().make_auth_info("right", iteration_count=4096)
+    server, client_final = scramp_server_until_final(auth.ServerAuth("svc", "wrong"), auth_info)
     with pytest.raises(ScramException):
-        server.set_client_final(client_final.decode())
+        server.set_client_final(client_final)
 
 
 def test_server_auth_scram_rejects_a_forged_server_signature():
-    mechanism = ScramMechanism()
-    auth_info = mechanism.make_auth_info("pw", iteration_count=4096)
-    server = mechanism.make_server(lambda username: auth_info)
+    auth_info = ScramMechanism().make_auth_info("pw", iteration_count=4096)
     client = auth.ServerAuth("svc", "pw")
-    _, body = parse_frontend(client.respond(10, b"SCRAM-SHA-256\0\0"))
-    server.set_client_first(body[body.index(b"\0") + 5 :].decode())
-    _, client_final = parse_frontend(client.respond(11, server.get_server_first().encode()))
-    server.set_client_final(client_final.decode())
+    server, client_final = scramp_server_until_final(client, auth_info)
+    server.set_client_final(client_final)
     forged = "v=" + b64(b"\0" * 32)
     with pytest.raises(Exception):
         client.respond(12, forged.encode())
@@ -490,3 +490,138 @@ def test_server_auth_unknown_method_is_unsupported(code, payload):
 def test_server_auth_sasl_without_scram_is_unsupported():
     with pytest.raises(auth.AuthUnsupported):
         auth.ServerAuth("u", "pw").respond(10, b"SCRAM-SHA-256-PLUS\0OAUTHBEARER\0\0")
+
+
+# ------------------------------------------------------------------------------------ SCRAM pass-through
+
+
+def verifier_of(auth_info: tuple) -> str:
+    salt, stored_key, server_key, iterations = auth_info
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def keys_from_login(auth_info: tuple, password: str) -> auth.ScramKeys:
+    """What gpooler recovers when a client logs in with password against the verifier."""
+    exchange = auth.ScramClientAuth(verifier_of(auth_info))
+    run_scramp_client(exchange, "client", password)
+    return exchange.upstream
+
+
+def test_scram_login_recovers_the_client_key():
+    auth_info = ScramMechanism().make_auth_info("role pw", iteration_count=4096)
+    keys = keys_from_login(auth_info, "role pw")
+    client_key, _, server_key = scram_keys("role pw", auth_info[0], 4096)
+    assert keys == auth.ScramKeys(client_key, server_key, auth_info[0], 4096)
+    assert keys == auth.scram_keys("role pw", auth_info[0], 4096)
+    assert b64(client_key) not in repr(keys) and client_key.hex() not in repr(keys)
+
+
+def test_pass_through_logs_in_to_a_scramp_server_with_the_same_verifier():
+    auth_info = ScramMechanism().make_auth_info("role pw", iteration_count=8192)
+    client = auth.ServerAuth("role", keys_from_login(auth_info, "role pw"))
+    server, client_final = scramp_server_until_final(client, auth_info)
+    assert client_final.startswith("c=biws,r=")  # no channel binding, as the first said
+    server.set_client_final(client_final)  # raises unless the proof is right
+    assert client.respond(12, server.get_server_final().encode()) is None
+
+
+def test_pass_through_keys_of_another_password_are_refused_by_scramp():
+    auth_info = ScramMechanism().make_auth_info("role pw", iteration_count=4096)
+    wrong = auth.scram_keys("other pw", auth_info[0], 4096)
+    server, client_final = scramp_server_until_final(auth.ServerAuth("role", wrong), auth_info)
+    with pytest.raises(ScramException):
+        server.set_client_final(client_final)
+
+
+def test_pass_through_stops_when_the_verifier_changed():
+    keys = keys_from_login(ScramMechanism().make_auth_info("old", iteration_count=4096), "old")
+    changed = ScramMechanism().make_auth_info("new", iteration_count=4096)  # another salt
+    with pytest.raises(auth.AuthUnsupported, match="password changed"):
+        scramp_server_until_final(auth.ServerAuth("role", keys), changed)
+
+
+def test_pass_through_checks_the_server_signature_and_nonce():
+    auth_info = ScramMechanism().make_auth_info("pw", iteration_count=4096)
+    keys = keys_from_login(auth_info, "pw")
+    client = auth.ServerAuth("role", keys)
+    server, client_final = scramp_server_until_final(client, auth_info)
+    server.set_client_final(client_final)
+    with pytest.raises(auth.AuthUnsupported, match="signature"):
+        client.respond(12, ("v=" + b64(b"\0" * 32)).encode())
+    client = auth.ServerAuth("role", keys)
+    client.respond(10, b"SCRAM-SHA-256\0\0")
+    with pytest.raises(auth.AuthUnsupported, match="nonce"):
+        client.respond(11, f"r=someone-elses,s={b64(auth_info[0])},i=4096".encode())
+
+
+@pytest.mark.parametrize("code", [3, 5])
+def test_pass_through_cannot_answer_cleartext_or_md5(code):
+    keys = auth.scram_keys("pw", b"salt", 4096)
+    with pytest.raises(auth.AuthUnsupported, match="scram-sha-256"):
+        auth.ServerAuth("role", keys).respond(code, b"salt")
+
+
+def test_scram_keys_prepare_the_password_as_postgres_does():
+    salt = os.urandom(16)
+    password = "I\u00adX \u2168"  # a soft hyphen (dropped) and a Roman numeral (NFKC: IX)
+    _, stored_key, server_key, _ = ScramMechanism().make_auth_info(password, 4096, salt)
+    keys = auth.scram_keys(password, salt, 4096)
+    assert hashlib.sha256(keys.client_key).digest() == stored_key
+    assert keys.server_key == server_key
+
+
+# ------------------------------------------------------------------------------------ auth_query secrets
+
+
+def test_check_password_against_each_kind_of_secret():
+    verifier = hand_verifier("pw", b"0123456789abcdef")
+    assert auth.check_password(verifier, "pw", "role") == auth.scram_keys(
+        "pw", b"0123456789abcdef", 4096)
+    md5 = auth.md5_secret("pw", "role")
+    assert auth.check_password(md5, "pw", "role") == md5
+    assert auth.check_password("pw", "pw", "role") == "pw"
+    for secret in (verifier, md5, "pw"):
+        with pytest.raises(auth.AuthFailed):
+            auth.check_password(secret, "wrong", "role")
+    with pytest.raises(auth.AuthFailed):
+        auth.check_password(md5, "pw", "role.acme")  # the hash is salted with the role name
+
+
+def test_cleartext_login_against_a_verifier_gives_keys_and_can_be_checked_again():
+    old, new = hand_verifier("old", b"salt-old"), hand_verifier("new", b"salt-new")
+    exchange = auth.PlainClientAuth(old, "role")
+    assert parse_auth_request(exchange.first()) == (3, b"")
+    with pytest.raises(auth.AuthFailed):
+        exchange.step(b"new\0")
+    assert exchange.recheck(new) is True
+    assert exchange.upstream == auth.scram_keys("new", b"salt-new", 4096)
+    assert exchange.recheck(old) is False
+
+
+def test_md5_answer_is_checked_again_against_a_new_hash():
+    old, new = auth.md5_secret("old", "role"), auth.md5_secret("new", "role")
+    exchange = auth.Md5ClientAuth(old, "role")
+    salt = md5_salt(exchange)
+    with pytest.raises(auth.AuthFailed):
+        exchange.step(md5_client_answer("new", "role", salt) + b"\0")
+    assert exchange.recheck(hand_verifier("new", b"s")) is False  # not md5: cannot be
+    assert exchange.recheck(new) is True
+    assert exchange.upstream == new
+
+
+def test_scram_answer_cannot_be_checked_again():
+    exchange = auth.ScramClientAuth(hand_verifier("old", b"salt"))
+    assert exchange.recheck(hand_verifier("new", b"salt")) is False
+
+
+def test_mock_verifier_is_stable_per_name_and_matches_nothing():
+    seed = os.urandom(32)
+    verifier = auth.mock_verifier(seed, "acme/ghost")
+    assert verifier == auth.mock_verifier(seed, "acme/ghost")
+    assert verifier != auth.mock_verifier(seed, "acme/other")
+    assert verifier != auth.mock_verifier(os.urandom(32), "acme/ghost")
+    salt, _, _, iterations = auth.scram_auth_info(verifier)
+    assert (len(salt), iterations) == (16, 4096)
+    for password in ("", "ghost", "pw"):
+        with pytest.raises(auth.AuthFailed):
+            run_scramp_client(auth.ScramClientAuth(verifier), "ghost", password)

@@ -172,6 +172,47 @@ def test_explicit_server_user_and_password():
     assert (u.server_user, u.server_password) == ("role", "pw")
 
 
+def test_auth_query_is_off_by_default():
+    t = parse(minimal()).tenants["acme"]
+    assert (t.auth_user, t.auth_query, t.auth_dbname) == (None, cfg.DEFAULT_AUTH_QUERY, None)
+    assert (t.auth_query_cache_ttl, t.auth_query_refetch_interval) == (60, 1)
+    assert t.unlisted_user is None
+    assert cfg.find_user(t, "app") is t.users["app"]
+    assert cfg.find_user(t, "bob") is None
+
+
+def test_unlisted_users_get_the_cascade():
+    doc = minimal(defaults={"auth_user": "app", "pool_size": 5, "max_clients": 50,
+                            "auth_query_cache_ttl": 0})
+    doc["tenants"]["acme"].update(pool_size=7, auth_type="plain", auth_dbname="meta")
+    t = parse(doc).tenants["acme"]
+    assert (t.auth_user, t.auth_dbname, t.auth_query_cache_ttl) == ("app", "meta", 0)
+    bob = cfg.find_user(t, "bob")
+    listed = t.users["app"]
+    assert (bob.name, bob.server_user, bob.password, bob.server_password) == ("bob", "bob", "",
+                                                                              None)
+    assert (bob.pool_size, bob.max_clients, bob.auth_type) == (7, 50, "plain")
+    assert dataclasses.replace(bob, name="app", server_user="app", password="secret",
+                               server_password="secret") == listed
+    assert cfg.find_user(t, "app") is listed
+
+
+def test_auth_user_must_be_a_listed_user_with_a_usable_password():
+    assert errors_of(with_tenant(auth_user="nobody")) == [
+        'tenants.acme.auth_user: "nobody" is not one of this tenant\'s users']
+    assert errors_of(minimal(defaults={"auth_user": "nobody"})) == [
+        'tenants.acme.auth_user: "nobody" is not one of this tenant\'s users (set at '
+        'defaults.auth_user)']
+    doc = with_tenant(auth_user="app")
+    doc["tenants"]["acme"]["users"]["app"]["server_password"] = MD5
+    assert errors_of(doc) == [
+        'tenants.acme.auth_user: the server_password of "app" is an md5 hash, which auth_query '
+        'cannot log in with: give it in plain text']
+    assert errors_of(with_tenant(auth_query="", auth_query_cache_ttl=-1)) == [
+        "tenants.acme.auth_query: must not be empty",
+        "tenants.acme.auth_query_cache_ttl: must be >= 0"]
+
+
 @pytest.mark.parametrize("auth_type", ["md5", "plain", "scram-sha-256"])
 def test_plain_password_suits_every_auth_type(auth_type):
     assert parse(with_user(auth_type=auth_type)).tenants["acme"].users["app"].auth_type == auth_type
@@ -421,7 +462,7 @@ def test_settings_table_matches_dataclasses():
     classes = {"global": cfg.Config, "tenant": cfg.TenantConfig, "user": cfg.UserConfig,
                "listen": cfg.ListenConfig, "admin": cfg.AdminConfig, "statsd": cfg.StatsdConfig,
                "tls": cfg.TlsConfig, "replica": cfg.ServerAddress}
-    implicit = {"global": {"defaults"}, "tenant": {"id"}, "user": {"name"}}
+    implicit = {"global": {"defaults"}, "tenant": {"id", "unlisted_user"}, "user": {"name"}}
     for level, cls in classes.items():
         names = {s.name for s in cfg.SETTINGS if s.level == level}
         fields = {f.name for f in dataclasses.fields(cls)}

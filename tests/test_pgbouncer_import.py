@@ -399,18 +399,32 @@ def test_settings_gpooler_gains_are_carried_over(monkeypatch):
     extra = (
         gpconfig.Setting("server_lifetime", "user", number, 3600.0, None, "x", cascade=True),
         gpconfig.Setting("query_timeout", "user", number, 0.0, None, "x", cascade=True),
-        gpconfig.Setting("auth_query", "tenant", number, None, None, "x"),
+        gpconfig.Setting("server_tls_key_file", "tenant", number, None, None, "x"),
     )
     monkeypatch.setattr(pi, "SETTINGS", gpconfig.SETTINGS + extra)
     doc, warnings = pi.translate(
-        small("server_lifetime = 90.5\nauth_query = SELECT 1",
+        small("server_lifetime = 90.5\nserver_tls_key_file = k.pem",
               databases="db = host=h server_lifetime=30", users="u = query_timeout=12"),
         '"u" "pw"', "/")
     assert doc["defaults"]["server_lifetime"] == 90.5
     assert doc["tenants"]["db"]["server_lifetime"] == 30
-    assert doc["tenants"]["db"]["auth_query"] == "SELECT 1"
+    assert doc["tenants"]["db"]["server_tls_key_file"] == "k.pem"
     assert doc["tenants"]["db"]["users"]["u"]["query_timeout"] == 12
     assert not warned(warnings, "not supported")
+
+
+def test_auth_query_settings_are_carried_over():
+    doc, warnings = pi.translate(
+        small("auth_user = pgb\nauth_query = SELECT usename, passwd FROM get_auth($1)\n"
+              "auth_dbname = postgres", databases="db = host=h\nother = host=h2 auth_user=u"),
+        '"u" "pw"\n"pgb" "pgb-pw"', "/")
+    assert {k: doc["defaults"][k] for k in ("auth_user", "auth_query", "auth_dbname")} == {
+        "auth_user": "pgb", "auth_query": "SELECT usename, passwd FROM get_auth($1)",
+        "auth_dbname": "postgres"}
+    assert doc["tenants"]["other"]["auth_user"] == "u"
+    assert not warned(warnings, "auth_")
+    tenants = parse_config(doc, {}).tenants
+    assert (tenants["db"].auth_user, tenants["other"].auth_user) == ("pgb", "u")
 
 
 def test_unusual_values_are_reported_not_fatal():
