@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = ("tenant", "user", "addr", "db", "mode", "duration", "reason", "command")
 _SAFE = re.compile(r"[\w.@+:/\[\]-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _handler: logging.Handler | None = None
 
@@ -49,8 +50,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    """One line per event: control characters in the message (a newline in a user name a client
+    chose, say) are escaped, so no client can forge a line of its own. Tracebacks keep theirs."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(_escape, super().formatMessage(record))
+
+
+def _escape(found: re.Match) -> str:
+    return f"\\x{ord(found.group()):02x}"
+
+
 def _formatter(log_format: str) -> logging.Formatter:
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
 def setup(config: "Config") -> None:

@@ -118,3 +118,13 @@ def test_secrets_are_never_logged(pg, gpooler):
     log = h.log()
     for secret in (CLIENT_PASSWORD, ADMIN_PASSWORD, WRONG_PASSWORD, "pw_u_scram", "pw_u_md5"):
         assert secret not in log, f"{secret} appears in the log"
+
+
+def test_a_client_cannot_forge_a_log_line(pg, gpooler):
+    """A user name with a newline (the client chooses it) stays inside its own line."""
+    h = gpooler(config(pg))
+    forged = "x\n2030-01-01 00:00:00,000 INFO gpooler.client: client connected: tenant=acme"
+    assert connect_error(h.params("app.acme", CLIENT_PASSWORD), user=forged)["C"] == "28000"
+    line = h.wait_log("client disconnected: user=")
+    assert "x\\x0a2030-01-01" in line
+    assert not any(entry.startswith("2030-") for entry in h.log().splitlines())
