@@ -28,6 +28,7 @@ from gpooler.config import (
     UserConfig,
     load_config,
 )
+from gpooler.lockout import FailureBook
 from gpooler.login import Login, Refusal
 from gpooler.pool import Pool, Target
 from gpooler.replicas import Member, Topology, make_psycopg2_cooperative
@@ -77,6 +78,7 @@ class Daemon:
         self._idle = Event()
         self.stats = Stats(self)  # counters and the StatsD push (stats.py)
         self.pause = admin.Pause()  # PAUSE/RESUME on the admin console
+        self.lockout = FailureBook()  # wrong passwords per (tenant, address): lockout.py
 
     # ---------------------------------------------------------------- run
 
@@ -141,6 +143,7 @@ class Daemon:
                     target = replace(target, host=member[0], port=member[1])
                 pool.reconfigure(target, user.pool_size, user.max_prepared_statements)
                 pool.lifetime = user.server_lifetime
+                pool.backoff.limit = user.server_login_retry
 
     def terminate(self) -> None:
         """SIGTERM: stop accepting, let transactions finish within shutdown_timeout, then exit."""
@@ -233,6 +236,7 @@ class Daemon:
             pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
             pool.verify_idle = member is not None
             pool.lifetime = login.user.server_lifetime
+            pool.backoff.limit = login.user.server_login_retry
             self.pools[key] = pool
         return pool
 
