@@ -315,7 +315,7 @@ class Backend:
 
     # ---------------------------------------------------------------- gpooler's own statements
 
-    def run(self, sql: str) -> "Sink":
+    def run(self, sql: str, timeout: float = INTERNAL_QUERY_TIMEOUT) -> "Sink":
         """Run one simple-protocol statement for gpooler itself, outside any client's view.
 
         The connection must be idle (nothing pending) and owned by the caller; the previous owner is
@@ -331,7 +331,7 @@ class Backend:
             except OSError as exc:
                 self.close()
                 raise ServerError.unreachable(f"server connection lost: {exc}") from exc
-            if not sink.done.wait(INTERNAL_QUERY_TIMEOUT):
+            if not sink.done.wait(timeout):
                 self.close()
                 raise ServerError.unreachable("server did not answer in time")
         finally:

@@ -211,7 +211,8 @@ class Client:
             if startup.minor > 0 or any(k.startswith("_pq_.") for k in startup.params):
                 unsupported = [k for k in startup.params if k.startswith("_pq_.")]
                 self.sock.sendall(p.negotiate_protocol_version(0, unsupported))
-            self._authenticate(login)
+            with daemon.lockout.guard(login.tenant, self.address[0]):
+                self._authenticate(login)
         if daemon.stopping:
             raise Refusal("57P01", "gpooler is shutting down")
         daemon.client_joined(self)

@@ -129,6 +129,8 @@ class UserConfig:
     server_idle_timeout: float
     server_lifetime: float
     min_pool_size: int
+    server_check_delay: float
+    server_login_retry: float
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class TenantConfig:
     auth_dbname: str | None
     auth_query_cache_ttl: float
     auth_query_refetch_interval: float
+    auth_failure_limit: int
+    auth_failure_window: float
+    auth_lockout: float
     users: Mapping[str, UserConfig]
     # With auth_user: the settings of a user not listed under users (the defaults -> tenant
     # cascade); find_user() names it.
@@ -593,6 +598,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_query_refetch_interval", "tenant", _number, 1.0, _non_negative,
             "after a failed login, auth_query is asked again for the role, at most once per this "
             "many seconds per role", cascade=True),
+    Setting("auth_failure_limit", "tenant", _integer, 10, _non_negative,
+            "wrong passwords from one client address within auth_failure_window that lock the "
+            "address out of the tenant for auth_lockout (0 = no lockout)", cascade=True),
+    Setting("auth_failure_window", "tenant", _number, 60.0, _positive,
+            "seconds, from an address's first wrong password, in which auth_failure_limit of "
+            "them lock it out", cascade=True),
+    Setting("auth_lockout", "tenant", _number, 300.0, _non_negative,
+            "seconds a locked-out address is refused (28000) before any password is asked "
+            "(0 = no lockout)", cascade=True),
     Setting("users", "tenant", _mapping, REQUIRED, _not_empty, "user name -> user"),
 
     Setting("host", "replica", _string, REQUIRED, _not_empty, "replica address"),
@@ -633,6 +647,14 @@ SETTINGS: tuple[Setting, ...] = (
             "(0 = never)", cascade=True),
     Setting("min_pool_size", "user", _integer, 0, _non_negative,
             "server connections kept open per pool even when idle", cascade=True),
+    Setting("server_check_delay", "user", _number, 30.0, _non_negative,
+            "a server connection idle longer than this is checked (an empty query) before it "
+            "serves again; one that fails is closed and another used (0 = check every reuse)",
+            cascade=True),
+    Setting("server_login_retry", "user", _number, 15.0, _non_negative,
+            "after Postgres refused a new server connection, clients needing one get that same "
+            "error at once for 0.5s, doubling after each failed retry up to this "
+            "(0 = every client tries)", cascade=True),
     Setting("max_prepared_statements", "user", _integer, 200, _positive,
             "prepared statements kept per server connection in transaction mode, least recently "
             "used closed first", cascade=True),

@@ -31,6 +31,7 @@ from gpooler.config import (
     find_user,
     load_config,
 )
+from gpooler.lockout import FailureBook
 from gpooler.login import Login, Refusal
 from gpooler.pool import Pool, Target
 from gpooler.replicas import Member, Topology, make_psycopg2_cooperative
@@ -84,6 +85,7 @@ class Daemon:
         self.auth_query = AuthQueries()  # secrets of the roles not listed under users
         # (tenant, role) -> what the last auth_query login of the role proved, for its pools
         self.credentials: dict[tuple[str, str], Credential] = {}
+        self.lockout = FailureBook()  # wrong passwords per (tenant, address): lockout.py
 
     # ---------------------------------------------------------------- run
 
@@ -153,6 +155,7 @@ class Daemon:
                     target = replace(target, host=member[0], port=member[1])
                 pool.reconfigure(target, user.pool_size, user.max_prepared_statements)
                 pool.lifetime = user.server_lifetime
+                pool.backoff.limit = user.server_login_retry
 
     def terminate(self) -> None:
         """SIGTERM: stop accepting, let transactions finish within shutdown_timeout, then exit."""
@@ -248,6 +251,7 @@ class Daemon:
             pool = Pool(name, target, login.user.pool_size, login.user.max_prepared_statements)
             pool.verify_idle = member is not None
             pool.lifetime = login.user.server_lifetime
+            pool.backoff.limit = login.user.server_login_retry
             self.pools[key] = pool
         return pool
 

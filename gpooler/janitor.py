@@ -8,6 +8,7 @@ started working, and this loop, a few times a second, compares those times with 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,10 @@ class Janitor:
 
     def check_pool(self, pool: "Pool", user: "UserConfig", now: float) -> None:
         """Close idle connections past server_lifetime, or idle past server_idle_timeout beyond
-        min_pool_size; open connections up to min_pool_size."""
+        min_pool_size; open connections up to min_pool_size; say which are due a check before
+        they serve again (server_check_delay, 0: all)."""
+        delay = user.server_check_delay
+        pool.check_before = now - delay if delay else math.inf
         keep = user.min_pool_size
         for server in list(pool.idle):  # oldest first
             too_old = user.server_lifetime and now - server.created > user.server_lifetime
@@ -110,6 +114,7 @@ class Janitor:
                           "lifetime" if too_old else "idle timeout")
                 server.close()
                 pool.discard(server)
-        if keep and pool.total < min(keep, pool.size) and not pool.waiters and not pool.warming:
+        if (keep and pool.total < min(keep, pool.size) and not pool.waiters and not pool.warming
+                and not pool.backoff.waiting()):
             pool.warming = True
             gevent.spawn(pool.warm, keep)

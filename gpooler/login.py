@@ -106,10 +106,16 @@ def _default_tenant(config: Config) -> str | None:
     return None
 
 
-def check_address(tenant: TenantConfig, address: str) -> None:
-    """Refuse an address outside the tenant's allow_list, before any password is asked."""
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A peer address as the client knows itself: no IPv6 zone, IPv4-mapped IPv6 as IPv4."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+def check_address(tenant: TenantConfig, address: str) -> None:
+    """Refuse an address outside the tenant's allow_list, before any password is asked."""
+    ip = client_ip(address)
     if not any(ip in network for network in tenant.allow_list if network.version == ip.version):
         raise Refusal("28000", f'address {ip} is not allowed for tenant "{tenant.id}"')

@@ -295,10 +295,10 @@ RULES: dict[str, Rule] = {
                                "connection serves another client", harmless=("discard all",)),
     "server_reset_query_always": Rule("gpooler resets session-mode connections only",
                                       harmless=("0",)),
-    "server_check_delay": _future("seconds", "server_check_delay",
-                                  reason="gpooler does not test idle server connections"),
-    "server_check_query": _future("str", "server_check_query",
-                                  reason="gpooler does not test idle server connections"),
+    "server_check_delay": _future("seconds", "server_check_delay"),
+    "server_check_query": Rule("gpooler checks idle server connections with an empty query; to "
+                               "check less often, raise server_check_delay",
+                               harmless=("select 1", ";")),
     "server_fast_close": Rule("gpooler lets session-mode clients keep their server connection "
                               "until they leave", harmless=("0",)),
     "server_lifetime": _future("seconds", "server_lifetime"),

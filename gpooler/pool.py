@@ -17,10 +17,16 @@ from gevent.event import AsyncResult
 
 from gpooler.auth import Credential
 from gpooler.backend import Backend, ServerError
+from gpooler.backoff import LoginBackoff
 from gpooler.stats import PoolStats
 from gpooler.tls import ServerTls
 
 log = logging.getLogger(__name__)
+
+# server_check_delay: an empty query (the cheapest round trip), worded so that pg_stat_activity
+# says who sent it; a server that does not answer it in time is taken for dead.
+SERVER_CHECK = "-- gpooler server check"
+SERVER_CHECK_TIMEOUT = 5.0
 
 
 class PoolTimeout(Exception):
@@ -50,6 +56,11 @@ class Pool:
         self.verify_idle = False
         self.warming = False  # the janitor is opening connections up to min_pool_size
         self.lifetime = 0.0  # server_lifetime, checked as connections come back
+        # server_check_delay: idle since before this (monotonic), a connection is checked before
+        # it serves again; the janitor moves it on every tick, so checkout needs no clock.
+        self.check_before = 0.0
+        self.testing = 0  # connections being checked now
+        self.backoff = LoginBackoff(name)  # server_login_retry: see backoff.py
         self.generation = 0
         self.idle: list[Backend] = []
         self.members: set[Backend] = set()
@@ -86,10 +97,13 @@ class Pool:
         return server if server is not None else self._open()
 
     def idle_server(self) -> Backend | None:
-        """The most recently used idle connection that is still good, if any."""
+        """The most recently used idle connection that is still good, if any: one idle longer
+        than server_check_delay is checked first."""
         while self.idle:
             server = self.idle.pop()
-            if not server.broken and not (self.verify_idle and server.hung_up()):
+            if server.broken or (self.verify_idle and server.hung_up()):
+                continue
+            if server.last_used >= self.check_before or self._check(server):
                 return server
         return None
 
@@ -111,17 +125,45 @@ class Pool:
             self.opening -= 1
             self._wake()
 
-    def _open(self) -> Backend:
-        """Open a connection into a slot the caller reserved by counting it in `opening`."""
+    def _check(self, server: Backend) -> bool:
+        """Whether a connection idle past server_check_delay still answers. One that does not is
+        closed, and so are the others idle as long: they most likely went the same way (a network
+        cut, a host gone), and each would cost the client another SERVER_CHECK_TIMEOUT."""
+        idle = time.monotonic() - server.last_used
+        self.testing += 1
         try:
+            server.run(SERVER_CHECK, SERVER_CHECK_TIMEOUT)
+        except ServerError as exc:
+            dead = [server] + [s for s in self.idle if s.last_used < self.check_before]
+            log.warning("pool %s: %r failed its check after %.1fs idle (%s): closing %d idle "
+                        "server connection(s)", self.name, server, idle, exc, len(dead))
+            for other in dead:
+                other.close()
+                self.discard(other)
+            return False
+        finally:
+            self.testing -= 1
+        log.debug("pool %s: %r answered its check after %.1fs idle", self.name, server, idle)
+        return True
+
+    def _open(self) -> Backend:
+        """Open a connection into a slot the caller reserved by counting it in `opening`; while
+        Postgres refuses logins, raise its last refusal instead (backoff.py)."""
+        try:
+            started = self.backoff.start()
             target = self.target
-            server = Backend.connect(
-                (target.host, target.port), target.user, target.password, target.database, self
-            )
+            try:
+                server = Backend.connect(
+                    (target.host, target.port), target.user, target.password, target.database, self
+                )
+            except ServerError as exc:
+                self.backoff.failed(exc, started)
+                raise
         except BaseException:
             self.opening -= 1
             self._wake()
             raise
+        self.backoff.succeeded()
         self.opening -= 1
         server.generation = self.generation
         self.members.add(server)
@@ -188,6 +230,7 @@ class Pool:
             self.generation += 1
             self.server_params = None
             self.reported.clear()
+            self.backoff.reset()
             for server in list(self.idle):
                 server.close()
                 self.discard(server)

@@ -112,13 +112,14 @@ def pool_gauges(pool: "Pool", cl_active: int, now: float) -> dict[str, Any]:
     waiting = pool.stats.waiting
     oldest = min(waiting.values(), default=now)
     idle = len(pool.idle)
+    due = sum(1 for server in pool.idle if server.last_used < pool.check_before)
     return {
         "cl_active": cl_active,
         "cl_waiting": len(waiting),
-        "sv_active": max(0, len(pool.members) - idle),
-        "sv_idle": idle,
-        "sv_used": 0,  # gpooler has no server_check_delay: connections go straight back to idle
-        "sv_tested": 0,
+        "sv_active": max(0, len(pool.members) - idle - pool.testing),
+        "sv_idle": idle - due,
+        "sv_used": due,  # idle past server_check_delay: checked before they serve again
+        "sv_tested": pool.testing,
         "sv_login": pool.opening,
         "maxwait": max(0.0, now - oldest),
     }

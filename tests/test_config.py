@@ -74,7 +74,8 @@ def test_minimal_defaults():
         auth_type="scram-sha-256", pool_size=15, max_clients=1000, pool_checkout_timeout=60,
         client_idle_timeout=0, client_heartbeat_interval=60, max_prepared_statements=200,
         idle_transaction_timeout=0, query_timeout=0, server_idle_timeout=600, server_lifetime=3600,
-        min_pool_size=0)
+        min_pool_size=0, server_check_delay=30, server_login_retry=15)
+    assert (t.auth_failure_limit, t.auth_failure_window, t.auth_lockout) == (10, 60, 300)
 
 
 def test_sections_defaults():
