@@ -141,6 +141,10 @@ class Pool:
                 other.close()
                 self.discard(other)
             return False
+        except BaseException:  # the checking client went away mid-check: the answer is unread
+            server.close()
+            self.discard(server)
+            raise
         finally:
             self.testing -= 1
         log.debug("pool %s: %r answered its check after %.1fs idle", self.name, server, idle)
@@ -243,8 +247,9 @@ class Pool:
 
     def use_password(self, password: Credential) -> None:
         """Log in with this from now on (auth_query: a client proved the role's new password);
-        the open connections stay."""
+        the open connections stay; a login refused with the old one is no reason to wait."""
         self.target = replace(self.target, password=password)
+        self.backoff.reset()
 
     def close(self) -> None:
         """Close what is idle; busy connections are closed as they come back."""

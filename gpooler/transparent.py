@@ -248,6 +248,8 @@ class ClientSession:
             self.local[b"S" + body[:name_end]] = statement
             requests.append(Request(p.PARSE, SYNTH, PARSE_COMPLETE))
             return b""
+        if rewriter.in_use(body[:name_end]):
+            return self._fail(already_exists(body[:name_end]), requests)
         found = effects(body[name_end + 1 : query_end])
         if name_end == 0:
             self.unnamed = found  # what the next Execute of the unnamed statement will do
@@ -260,8 +262,6 @@ class ClientSession:
                 # SQL EXECUTE/DEALLOCATE by Parse: the hidden PREPARE replay is a Query, which
                 # may only go where it cannot end an implicit transaction early.
                 ensure = self._ensure_all(found.prepared, rewriter.server, requests)
-        if rewriter.in_use(body[:name_end]):
-            return self._fail(already_exists(body[:name_end]), requests)
         message = rewriter.parse(body, requests)
         if message is None and not ensure:
             return None

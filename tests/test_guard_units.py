@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import gevent
 import pytest
 
 from gpooler.backend import ServerError
@@ -11,6 +12,7 @@ from gpooler.backoff import FIRST_RETRY, LoginBackoff
 from gpooler.config import parse_config
 from gpooler.lockout import FailureBook
 from gpooler.login import Refusal
+from gpooler.pool import Pool, Target
 
 
 class Clock:
@@ -229,3 +231,44 @@ def test_waiting_is_false_once_a_retry_is_due():
     assert b.waiting()
     clock.now += FIRST_RETRY
     assert not b.waiting()
+
+
+# ---------------------------------------------------------------- the pool around them
+
+
+def test_a_new_auth_query_credential_ends_the_backoff():
+    """A login refused with a role's old keys is no reason to refuse its new ones."""
+    pool = Pool("r.acme/db", Target("db", 5432, "r", "old", "db"), 2, 10)
+    pool.backoff.limit = 15.0
+    pool.backoff.failed(ServerError.unreachable("password authentication failed"),
+                        pool.backoff.start())
+    assert pool.backoff.waiting()
+    pool.use_password("new")
+    assert not pool.backoff.waiting() and pool.target.password == "new"
+
+
+class StuckServer:
+    """A connection whose check never answers (a server frozen mid-network-cut)."""
+
+    broken = False
+    last_used = 0.0
+
+    def run(self, sql: str, timeout: float) -> None:
+        gevent.sleep(60)
+
+    def close(self) -> None:
+        self.broken = True
+
+
+def test_a_check_cut_short_closes_the_connection_and_frees_its_slot():
+    """The client doing the check may be timed out or killed mid-check: the answer is then
+    unread, so the connection must go, and the pool must not count it any more."""
+    pool = Pool("u.acme/db", Target("db", 5432, "u", "pw", "db"), 1, 10)
+    server = StuckServer()
+    pool.members.add(server)
+    pool.idle.append(server)
+    pool.check_before = float("inf")  # everything idle is due a check
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.01):
+            pool.checkout(1.0)
+    assert server.broken and server not in pool.members and pool.total == 0 and not pool.testing

@@ -681,6 +681,21 @@ def test_a_parse_of_a_name_in_use_fails_until_the_sync():
     assert sent == SYNC + query("select 1")
 
 
+def test_a_parse_of_a_name_in_use_prepares_nothing_first():
+    """Even when its text would need a SQL statement prepared first (EXECUTE of one the server
+    lacks): the Parse fails, so nothing may be sent for it, or a hidden answer goes missing."""
+    session, server = fresh()
+    translate(session, server, parse(b"s", b"select 1"), SYNC)
+    finish(translate(session, fresh()[1], query("prepare q as select 1"))[1])
+    sent, requests, _, _ = translate(session, server, parse(b"s", b"execute q"), SYNC)
+    assert sent == ABORT + SYNC
+    t = Tracker()
+    t.extend(requests)
+    out, readies, _ = feed_all(t, parse_complete() + bind_complete() + error() + ready())
+    assert [kind for kind, _ in p.split_messages(out)[0]] == [ord("E"), ord("Z")]
+    assert readies == 1 and not t
+
+
 def test_a_close_answered_locally_before_a_flush_wakes_the_server():
     session, server = fresh()
     translate(session, server, parse(b"s", b"select 1"), SYNC)
