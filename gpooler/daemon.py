@@ -72,6 +72,9 @@ class Daemon:
         self.worker = worker
         self._sockets = sockets
         self.pools: dict[tuple[str, str, str], Pool] = {}
+        # Pools a reload removed, while connections or waiting clients remain: the janitor still
+        # keeps their waiters' deadlines.
+        self.retired: list[Pool] = []
         self.client_counts: Counter[tuple[str, str]] = Counter()
         self.cancel_keys = CancelKeys(worker.index, worker.count, worker.peer_dir)
         self.servers: list[StreamServer] = []
@@ -148,6 +151,7 @@ class Daemon:
             if user is None:
                 del self.pools[key]
                 pool.close()
+                self.retired.append(pool)
                 log.info("pool %s removed", pool.name)
             else:
                 target = self._target(tenant, user, database)

@@ -54,6 +54,10 @@ class Janitor:
                     self.check_client(client, now)
                 except Exception:
                     log.exception("janitor: checking %s failed", client.describe())
+            retired = self.daemon.retired
+            for pool in retired:
+                pool.expire_waiters(now)
+            retired[:] = [pool for pool in retired if pool.members or pool.waiters]
             tenants = self.daemon.config.tenants
             for key, pool in list(self.daemon.pools.items()):
                 if pool.waiters:
@@ -61,7 +65,7 @@ class Janitor:
                 tenant = tenants.get(key[0])
                 user = find_user(tenant, key[1]) if tenant is not None else None
                 if user is None:
-                    continue  # removed by a reload: the pool closes as its connections come back
+                    continue
                 try:
                     self.check_pool(pool, user, now)
                 except Exception:

@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 
 from cluster import base_config, connect_error, deep_merge
+from test_admin import ADMIN_PASSWORD, show
 from test_pooling import Super, connect2, fresh_role, q1, su  # noqa: F401  (fixtures)
 from waiting import wait_until
 
@@ -161,6 +162,39 @@ def test_reload_removes_a_user(pg, gpooler, loads):
     assert q1(conn, "select current_user") == "u_md5"
     conn.close()
     assert load.stop() == []
+
+
+def test_a_client_waiting_on_a_removed_pool_still_times_out(pg, gpooler):
+    """A reload removes the user while one of its clients waits for the pool's only connection:
+    the wait still ends at pool_checkout_timeout (53300), not when the holder lets go."""
+    cfg = base_config(pg, admin={"host": "127.0.0.1", "users": {"admin": ADMIN_PASSWORD}})
+    cfg["tenants"]["acme"]["users"]["trustuser"].update(pool_size=1, pool_checkout_timeout=2)
+    h = gpooler(cfg)
+    holder = connect2(h, "trustuser.acme", autocommit=False)
+    q1(holder, "select 1")  # a transaction is open: the connection stays with it
+    waiter = connect2(h, "trustuser.acme")
+    failures: list[Exception] = []
+
+    def wait_for_the_pool():
+        try:
+            q1(waiter, "select 1")
+        except psycopg2.Error as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=wait_for_the_pool, daemon=True)
+    thread.start()
+    wait_until(lambda: any(row["cl_waiting"] == "1" for row in show(h, "POOLS")), 10,
+               "the second client to wait for the pool")
+    removed = copy.deepcopy(h.config)
+    del removed["tenants"]["acme"]["users"]["trustuser"]
+    assert h.reload(removed) == "reloaded"
+    thread.join(10)
+    assert not thread.is_alive(), "the waiting client was never answered"
+    assert failures, "the waiting client got an answer instead of an error"
+    # libpq reports a FATAL that ends a query as a closed connection, as it does from Postgres
+    h.wait_log("reason=refused: 53300 no server connection available within 2s")
+    holder.rollback()
+    holder.close()
 
 
 def test_reload_changes_pool_size(pg, gpooler, loads, su, fresh_role):
