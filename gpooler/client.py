@@ -26,7 +26,14 @@ from gpooler.login import Login, Refusal, check_address, resolve
 from gpooler.pool import Pool, PoolTimeout
 from gpooler.replicas import Topology
 from gpooler.session_state import Inspection
-from gpooler.sockets import ClientGone, close_after, read_message, relay_recv, relay_send
+from gpooler.sockets import (
+    ClientGone,
+    close_after,
+    read_message,
+    relay_recv,
+    relay_send,
+    writing,
+)
 from gpooler.transparent import ClientSession, target_statement
 
 if TYPE_CHECKING:
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
 AUTH_FAILURE_DELAY = 0.25
+FAREWELL_TIMEOUT = 1.0
 MAX_AUTH_MESSAGE = 10000
 RECV_SIZE = 256 * 1024
 _READY_IDLE = p.ready_for_query(b"I")
@@ -194,8 +202,14 @@ class Client:
             server.applied = {}
 
     def _send_quietly(self, data: bytes) -> None:
+        """The client's last word from its own greenlet (an error before closing): not while the
+        relay is in the middle of writing to it, and given up on after FAREWELL_TIMEOUT if the
+        client reads nothing."""
+        if writing(self.sock):
+            return
         try:
-            self.sock.sendall(data)
+            with gevent.Timeout(FAREWELL_TIMEOUT, False):
+                self.sock.sendall(data)
         except OSError:
             pass
 
@@ -407,15 +421,19 @@ class Client:
         self._hang_up(reason, p.error_response(sqlstate, text, "FATAL"))
 
     def heartbeat(self, message: bytes) -> None:
-        """Write a harmless message to an idle client: to a vanished one, it fails in time.
+        """Write a harmless message to an idle client: to a vanished one, it goes unacknowledged,
+        and TCP_USER_TIMEOUT ends the connection in time."""
+        self._say(message)
 
-        Only onto an empty send queue: then it goes out at once, whole, and cannot land inside a
-        message the relay is still writing. Bytes already queued need no probe: unacknowledged,
-        they run into TCP_USER_TIMEOUT just the same.
-        """
+    def _say(self, message: bytes) -> None:
+        """Write a short message from another greenlet (janitor, shutdown) only when it goes at
+        once and whole: the send buffer at most half full, no write of the relay's unfinished. So
+        it never waits for a client that reads nothing, nor lands inside another message."""
+        sock = self.sock
         try:
-            if _unsent(self.sock) == 0:
-                self.sock.send(message)
+            room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+            if _queued(sock) <= room and not writing(sock):
+                sock.send(message)
         except OSError:
             pass  # the relay's own read or write reports it
 
@@ -446,7 +464,7 @@ class Client:
         self.closing = True
         self.hangup_reason = reason
         if farewell:
-            self._send_quietly(farewell)
+            self._say(farewell)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -616,7 +634,7 @@ class Client:
         return b"".join(answer)
 
 
-def _unsent(sock: socket.socket) -> int:
+def _queued(sock: socket.socket) -> int:
     """Bytes in the socket's send queue: not yet sent, or sent and not yet acknowledged."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 

@@ -66,9 +66,18 @@ def relay_send(sock: socket.socket) -> Callable[[bytes], None]:
         except BlockingIOError:
             sent = 0
         if sent < len(data):
+            if writing(sock):  # a farewell is stuck on this socket: the client is being let go
+                raise OSError(errno.EBUSY, "another write to the client is unfinished")
             sock.sendall(memoryview(data)[sent:])
 
     return send
+
+
+def writing(sock: socket.socket) -> bool:
+    """Whether a greenlet waits to finish a write on this socket: anything written now would land
+    inside its message, and gevent refuses a second waiting writer."""
+    event = getattr(sock, "_write_event", None)
+    return event is not None and event.active
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:
