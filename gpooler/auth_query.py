@@ -43,6 +43,10 @@ from gpooler.login import Login, Refusal
 log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT = 5.0  # connecting and asking, together
+# For the stable verifiers of unknown roles. Made at import, before workers are forked, so that
+# every worker answers an unknown role with the same salt, as it answers a real one (a salt that
+# changed from one connection to the next would tell that the role does not exist).
+_SEED = os.urandom(32)
 MAX_CACHED = 10000  # roles remembered per tenant before old answers are dropped
 _STATEMENT = "gpooler_auth_query"
 
@@ -68,6 +72,7 @@ class Lookup:
         self.source = _source(tenant)
         self._conn: psycopg2.extensions.connection | None = None
         self._lock = Semaphore()
+        self._retired = False
         self._answers: dict[str, _Answer] = {}
 
     def secret(self, role: str) -> str | None:
@@ -95,6 +100,8 @@ class Lookup:
                 if len(self._answers) >= MAX_CACHED:
                     self._forget_old(fetched)
                 self._answers[role] = answer
+                if self._retired:
+                    self.close()
         return answer
 
     def _forget_old(self, now: float) -> None:
@@ -171,6 +178,15 @@ class Lookup:
         conn.autocommit = True
         return conn
 
+    def retire(self) -> None:
+        """Close the connection once no query runs on it. Closing it under a running query would
+        stop the whole process: psycopg2 holds the connection's lock while the query waits, and
+        close() would wait for that lock inside C, where no other greenlet can run."""
+        if self._lock.locked():
+            self._retired = True
+        else:
+            self.close()
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -216,7 +232,6 @@ class AuthQueries:
 
     def __init__(self) -> None:
         self._lookups: dict[str, Lookup] = {}
-        self._seed = os.urandom(32)  # for the stable verifiers of unknown roles
 
     def login(self, sock: socket.socket, login: Login) -> Credential:
         """Authenticate a client as the role auth_query vouches for; return what logs in to
@@ -232,7 +247,7 @@ class AuthQueries:
     def _exchange(self, login: Login, secret: str | None) -> ClientAuth:
         role = login.user.server_user
         if secret is None:
-            secret = mock_verifier(self._seed, f"{login.tenant.id}/{role}")
+            secret = mock_verifier(_SEED, f"{login.tenant.id}/{role}")
         if login.user.auth_type == "plain":
             return PlainClientAuth(secret, role)
         if password_kind(secret) == "md5":
@@ -247,7 +262,7 @@ class AuthQueries:
         lookup = self._lookups.get(tenant.id)
         if lookup is None or lookup.source != _source(tenant):
             if lookup is not None:
-                lookup.close()
+                lookup.retire()
             lookup = self._lookups[tenant.id] = Lookup(tenant)
         lookup.tenant = tenant  # the TTL and refetch interval as the configuration is now
         return lookup
@@ -258,9 +273,9 @@ class AuthQueries:
             tenant = config.tenants.get(tenant_id)
             if tenant is None or tenant.auth_user is None or _source(tenant) != lookup.source:
                 del self._lookups[tenant_id]
-                lookup.close()
+                lookup.retire()
 
     def close(self) -> None:
         for lookup in self._lookups.values():
-            lookup.close()
+            lookup.retire()
         self._lookups.clear()

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import re
+import threading
 
 import asyncpg
 import pg8000.native
@@ -401,6 +402,22 @@ def test_reload_keeps_unlisted_pools_and_can_turn_auth_query_off(aq, gpooler):
         assert (error["C"], error["M"]) == ("28000", 'unknown user "aq_scram" in tenant "acme"')
     finally:
         conn.close()
+
+
+def test_reload_while_a_lookup_runs_stops_nobody(aq, gpooler):
+    """A reload that changes the auth_query while a lookup waits on it: the old connection is
+    closed only once its query is over, and every other client goes on meanwhile."""
+    h = gpooler(config(aq, auth_query="SELECT * FROM slow_lookup($1)"))
+    slow = threading.Thread(target=refused, args=(h.params("aq_slow.acme", "pw_aq_slow"),),
+                            daemon=True)
+    slow.start()
+    wait_until(lambda: aq.psql("select count(*) from pg_stat_activity where state = 'active' "
+                               "and application_name = 'gpooler auth_query'") == "1", 10,
+               "the slow lookup to run")
+    assert h.reload(config(aq)) == "reloaded"
+    assert who(h.params("auth.acme", "client-pw-auth")) == "gp_auth"
+    assert who(h.params("aq_scram.acme", "pw_aq_scram")) == "aq_scram"  # on a new connection
+    slow.join(15)
 
 
 # ---------------------------------------------------------------------------- secrets stay secret
