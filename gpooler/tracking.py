@@ -42,6 +42,7 @@ _STOPS = {
     p.EXECUTE: frozenset(b"EZ") | _COMPLETES[p.EXECUTE],
 }
 _DROP = bytearray()  # a sink that is never read
+_READY_HEAD = b"Z\0\0\0\x05"  # a ReadyForQuery up to its status byte
 
 
 class TrackingError(Exception):
@@ -140,6 +141,13 @@ class Tracker:
         if self._carry:
             data = self._carry + data
             self._carry = b""
+        elif not self._rest:
+            ready = self._plain_answer(data)
+            if ready:
+                self.queue.clear()  # plain requests need nothing done when they complete
+                self._executed = False
+                status = self.last_status = data[-1]
+                return [data], ready, status
         n = len(data)
         out: list[bytes] = []
         ready = 0
@@ -249,6 +257,37 @@ class Tracker:
         if run < i:
             out.append(data[run:i])
         return out, ready, status
+
+    def _plain_answer(self, data: bytes) -> int:
+        """The ReadyForQuery count when data is exactly the whole answer to what is queued, every
+        request plain (forwarded, nothing to do on completion) and no error among the answers:
+        the usual round trip, passed on as it came without matching answer by answer. 0 when not.
+        """
+        queue = self.queue
+        # Cheap tests first: a chunk of a long result, which does not end in a ReadyForQuery,
+        # must not be walked twice.
+        if data[-6:-1] != _READY_HEAD or not queue or queue[-1].kind not in _SYNC_POINTS:
+            return 0
+        syncs = 0
+        for request in queue:
+            if request is not _PLAIN.get(request.kind):
+                return 0
+            if request.kind in _SYNC_POINTS:
+                syncs += 1
+        unpack = _U32.unpack_from
+        n = len(data)
+        i = ready = 0
+        kind = 0
+        while i + 5 <= n:
+            kind = data[i]
+            if kind == _ERROR:
+                return 0
+            if kind == _READY:
+                ready += 1
+            i += 1 + unpack(data, i + 1)[0]
+        if i != n or kind != _READY or ready != syncs:
+            return 0
+        return ready
 
     def _retried(self, request: Request, data: bytes, start: int, end: int) -> bool:
         """Run a request again, transparently, when only a stale cached plan made it fail.

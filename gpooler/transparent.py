@@ -112,6 +112,14 @@ def effects(text: bytes) -> Effects | None:
     return _classified(text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _screened(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
+    """target_statement and effects of a Parse's text, remembered: extended-protocol clients send
+    the same few texts again and again, with the values apart."""
+    statement = target_statement(text)
+    return statement, None if statement is not None else effects(text)
+
+
 @functools.lru_cache(maxsize=10000)
 def _classified(text: bytes) -> Effects | None:
     may_unpin = _MAY_UNPIN.search(text) is not None
@@ -242,7 +250,7 @@ class ClientSession:
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
             raise p.ProtocolError("malformed Parse message")
-        statement = target_statement(body[name_end + 1 : query_end])
+        statement, found = _screened(body[name_end + 1 : query_end])
         if statement is not None:
             # SET gpooler.target by Parse/Bind/Execute: answered by gpooler message by message.
             self.local[b"S" + body[:name_end]] = statement
@@ -250,7 +258,6 @@ class ClientSession:
             return b""
         if rewriter.in_use(body[:name_end]):
             return self._fail(already_exists(body[:name_end]), requests)
-        found = effects(body[name_end + 1 : query_end])
         if name_end == 0:
             self.unnamed = found  # what the next Execute of the unnamed statement will do
         ensure = b""

@@ -177,6 +177,41 @@ def test_forwarded_answers_pass_through_unchanged():
     assert not t
 
 
+def test_a_whole_plain_answer_and_the_walk_answer_by_answer_agree():
+    """A chunk that answers everything queued, all of it plain, is passed on in one piece; cut
+    anywhere, the same bytes go through the walk request by request: same output, same books."""
+    batch = [plain(p.PARSE), plain(p.BIND), plain(p.DESCRIBE), plain(p.EXECUTE), plain(p.SYNC),
+             plain(p.QUERY)]
+    answer = (parse_complete() + bind_complete() + row_description("a") + data_row(b"1")
+              + command_complete("SELECT 1") + ready(b"T")
+              + msg(b"N", b"SNOTICE\0Mhello\0\0") + command_complete("COMMIT") + ready())
+    whole = Tracker()
+    whole.extend(list(batch))
+    assert feed_all(whole, answer) == (answer, 2, ord("I")) and not whole
+    for cut in range(1, len(answer)):
+        walked = Tracker()
+        walked.extend(list(batch))
+        assert feed_all(walked, answer[:cut], answer[cut:]) == (answer, 2, ord("I")), cut
+        assert not walked and walked.last_status == whole.last_status
+
+
+def test_an_error_or_a_missing_ready_is_walked_answer_by_answer():
+    seen = []
+    t = Tracker()
+    t.on_error = seen.append
+    t.extend([plain(p.PARSE), plain(p.BIND), plain(p.EXECUTE), plain(p.SYNC)])
+    failure = error("22012", "division by zero")
+    out, n, status = feed_all(t, parse_complete() + bind_complete() + failure + ready())
+    assert (n, status) == (1, ord("I")) and len(seen) == 1 and not t
+    # a long result: the chunks before the last are not answers to everything queued
+    t.extend([plain(p.QUERY)])
+    rows = row_description("a") + data_row(b"x" * 100) * 50
+    assert feed_all(t, rows) == (rows, 0, 0) and len(t.queue) == 1
+    assert feed_all(t, command_complete("SELECT 50") + ready()) == (
+        command_complete("SELECT 50") + ready(), 1, ord("I"))
+    assert not t
+
+
 def test_synthetic_answers_are_emitted_in_turn():
     t = Tracker()
     log = Log()
