@@ -412,9 +412,10 @@ class Client:
             if resend is not None and not self.forwarded:
                 self.moving = gevent.spawn(self._read_elsewhere, b"".join(resend), server)
                 return
-            self._hang_up(
-                "server connection lost", p.error_response("08006", "server connection lost", "FATAL")
-            )
+            # Part of an answer already reached the client (a replica stopping between a result
+            # and its ReadyForQuery): running it again could answer twice, so the client is told.
+            reason = "server connection lost" + (" during an answer" if resend is not None else "")
+            self._hang_up(reason, p.error_response("08006", "server connection lost", "FATAL"))
 
     def kick(self, reason: str, sqlstate: str, text: str) -> None:
         """End the session with a FATAL the client can read (timeouts)."""
