@@ -182,9 +182,8 @@ class Lookup:
         """Close the connection once no query runs on it. Closing it under a running query would
         stop the whole process: psycopg2 holds the connection's lock while the query waits, and
         close() would wait for that lock inside C, where no other greenlet can run."""
-        if self._lock.locked():
-            self._retired = True
-        else:
+        self._retired = True  # a login still holding this lookup may ask once more: then close
+        if not self._lock.locked():
             self.close()
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent.exceptions import ConcurrentObjectUseError
 
 from gpooler import logs, tls
 from gpooler import protocol as p
@@ -32,6 +33,7 @@ from gpooler.sockets import (
     read_message,
     relay_recv,
     relay_send,
+    send_at_once,
     writing,
 )
 from gpooler.transparent import ClientSession, target_statement
@@ -202,9 +204,11 @@ class Client:
             server.applied = {}
 
     def _send_quietly(self, data: bytes) -> None:
-        """The client's last word from its own greenlet (an error before closing): not while the
-        relay is in the middle of writing to it, and given up on after FAREWELL_TIMEOUT if the
-        client reads nothing."""
+        """The client's last word from its own greenlet (an error before closing). The server's
+        output stops reaching the client first; not while the relay is in the middle of writing
+        to it; given up on after FAREWELL_TIMEOUT if the client reads nothing."""
+        if self.server is not None:
+            self.server.detach()
         if writing(self.sock):
             return
         try:
@@ -434,9 +438,11 @@ class Client:
         try:
             room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
             if _queued(sock) <= room and not writing(sock):
-                sock.send(message)
+                send_at_once(sock, message)
         except OSError:
-            pass  # the relay's own read or write reports it
+            self._hang_up("client connection lost")
+        except ConcurrentObjectUseError:
+            pass  # TLS wanted to read while the relay reads: not now
 
     def keep_alive(self, interval: float) -> None:
         """TCP keepalive and TCP_USER_TIMEOUT, so a client gone without a FIN is noticed."""

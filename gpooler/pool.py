@@ -56,6 +56,7 @@ class Pool:
         self.verify_idle = False
         self.warming = False  # the janitor is opening connections up to min_pool_size
         self.lifetime = 0.0  # server_lifetime, checked as connections come back
+        self.closed = False  # close(): whatever comes back is closed
         # server_check_delay: idle since before this (monotonic), a connection is checked before
         # it serves again; the janitor moves it on every tick, so checkout needs no clock.
         self.check_before = 0.0
@@ -161,7 +162,8 @@ class Pool:
                     (target.host, target.port), target.user, target.password, target.database, self
                 )
             except ServerError as exc:
-                self.backoff.failed(exc, started)
+                if target is self.target:  # not a login with what was replaced meanwhile
+                    self.backoff.failed(exc, started)
                 raise
         except BaseException:
             self.opening -= 1
@@ -180,6 +182,7 @@ class Pool:
         """Take a connection back: to the first waiter, onto the idle stack, or closed."""
         if (
             server.broken
+            or self.closed
             or server.generation != self.generation
             or self.total > self.size
             or server not in self.members
@@ -252,7 +255,9 @@ class Pool:
         self.backoff.reset()
 
     def close(self) -> None:
-        """Close what is idle; busy connections are closed as they come back."""
+        """Close what is idle; busy connections are closed as they come back, and so are those
+        opened later for the clients still using the pool (a reload removed its user)."""
+        self.closed = True
         self.generation += 1
         for server in list(self.idle):
             server.close()

@@ -73,6 +73,20 @@ def relay_send(sock: socket.socket) -> Callable[[bytes], None]:
     return send
 
 
+def send_at_once(sock: socket.socket, data: bytes) -> bool:
+    """Write a short message only if it can go now, without waiting: whether it went. A message
+    the kernel takes only in part breaks the stream: OSError, and the caller lets the client go."""
+    if not _plain(sock):
+        return sock.send(data) == len(data)  # a TLS record is written whole or not at all
+    try:
+        sent = sock._sock.send(data)
+    except BlockingIOError:
+        return False
+    if sent < len(data):
+        raise OSError(errno.EIO, "a message to the client was cut short")
+    return True
+
+
 def writing(sock: socket.socket) -> bool:
     """Whether a greenlet waits to finish a write on this socket: anything written now would land
     inside its message, and gevent refuses a second waiting writer."""

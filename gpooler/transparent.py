@@ -109,24 +109,33 @@ def effects(text: bytes) -> Effects | None:
     if first is not None and first.group(1) not in _TRIGGER_WORDS:
         if _ANYWHERE_LOOSELY.search(lowered) is None or _ANYWHERE.search(lowered) is None:
             return None
-    return _classified(text)
+    return _classified(text) if len(text) <= CACHED_TEXT else _classify(text)
 
 
-@functools.lru_cache(maxsize=4096)
-def _screened(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
-    """target_statement and effects of a Parse's text, remembered: extended-protocol clients send
-    the same few texts again and again, with the values apart."""
+def screened(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
+    """target_statement and effects of a Parse's text, remembered when short: extended-protocol
+    clients send the same few texts again and again, with the values apart."""
+    return _screened(text) if len(text) <= CACHED_TEXT else _screen(text)
+
+
+def _screen(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
     statement = target_statement(text)
     return statement, None if statement is not None else effects(text)
 
 
-@functools.lru_cache(maxsize=10000)
-def _classified(text: bytes) -> Effects | None:
+def _classify(text: bytes) -> Effects | None:
     may_unpin = _MAY_UNPIN.search(text) is not None
     found = Effects(router.classify(text.decode("utf-8", "replace")), may_unpin)
     if found.session or found.pins or found.unpins or found.prepared:
         return found
     return None
+
+
+# Texts longer than this are worked out each time: the caches hold at most 4096 texts of this
+# size each (16 MB), not 4096 bulk INSERTs with their values written in.
+CACHED_TEXT = 4096
+_screened = functools.lru_cache(maxsize=4096)(_screen)
+_classified = functools.lru_cache(maxsize=4096)(_classify)
 
 
 class ClientSession:
@@ -250,7 +259,7 @@ class ClientSession:
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
             raise p.ProtocolError("malformed Parse message")
-        statement, found = _screened(body[name_end + 1 : query_end])
+        statement, found = screened(body[name_end + 1 : query_end])
         if statement is not None:
             # SET gpooler.target by Parse/Bind/Execute: answered by gpooler message by message.
             self.local[b"S" + body[:name_end]] = statement

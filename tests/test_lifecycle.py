@@ -197,6 +197,20 @@ def test_a_client_waiting_on_a_removed_pool_still_times_out(pg, gpooler):
     holder.close()
 
 
+def test_a_removed_pool_keeps_no_connection_open(pg, gpooler, su):
+    """A client of a removed user goes on, on connections that are closed as they come back."""
+    h = gpooler(base_config(pg))
+    conn = connect2(h, "trustuser.acme")
+    assert q1(conn, "select 1") == 1
+    removed = copy.deepcopy(h.config)
+    del removed["tenants"]["acme"]["users"]["trustuser"]
+    assert h.reload(removed) == "reloaded"
+    assert q1(conn, "select current_user") == "u_trust"  # on a connection opened after the reload
+    conn.close()
+    wait_until(lambda: su.backends("u_trust") == 0, 10,
+               "the removed pool's server connections to close")
+
+
 def test_reload_changes_pool_size(pg, gpooler, loads, su, fresh_role):
     role, pw = fresh_role("sz")
     cfg = deep_merge(base_config(pg), {"tenants": {"acme": {"users": {
