@@ -272,3 +272,25 @@ def test_a_check_cut_short_closes_the_connection_and_frees_its_slot():
         with gevent.Timeout(0.01):
             pool.checkout(1.0)
     assert server.broken and server not in pool.members and pool.total == 0 and not pool.testing
+
+
+class IdleServer:
+    broken = False
+    generation = 0
+    created = last_used = 0.0
+
+
+def test_a_waiter_interrupted_after_being_handed_a_connection_gives_it_back():
+    """The hand-off reaches a waiting client through the event loop: if the client is killed
+    first (its startup timeout, say), the connection it was handed goes back to the pool."""
+    pool = Pool("u.acme/db", Target("db", 5432, "u", "pw", "db"), 1, 10)
+    server = IdleServer()
+    pool.members.add(server)  # the only connection, busy: the next checkout waits
+    waiting = gevent.spawn(pool.checkout, 5.0)
+    gevent.sleep(0)
+    assert len(pool.waiters) == 1
+    waiting.kill(block=False)  # scheduled before the hand-off below
+    pool.checkin(server)
+    waiting.join(1)
+    assert waiting.dead and pool.idle == [server] and not pool.waiters and pool.opening == 0
+    assert pool.checkout(0.1) is server
