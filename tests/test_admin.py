@@ -13,7 +13,6 @@ import io
 import os
 import subprocess
 import threading
-import time
 
 import psycopg2
 import pytest
@@ -21,6 +20,7 @@ from scramp import ScramMechanism
 
 from cluster import base_config, connect_error, deep_merge
 from gpooler import __version__
+from waiting import wait_until
 
 ADMIN_PASSWORD = "Adm1n-console-pw"
 TIMEOUT = 10.0
@@ -51,17 +51,6 @@ def psql(h, *commands: str, user: str = "admin", password: str = ADMIN_PASSWORD,
 def show(h, what: str) -> list[dict]:
     """SHOW <what> as a list of rows keyed by column name."""
     return list(csv.DictReader(io.StringIO(psql(h, f"SHOW {what}").stdout)))
-
-
-def wait_for(predicate, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def connect(h, user="app.acme", mode="transaction", **kw):
@@ -213,8 +202,8 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones_until_resume(pg
 
         thread = threading.Thread(target=query, daemon=True)
         thread.start()
-        wait_for(lambda: [p for p in pools_of(h, "acme") if p["cl_waiting"] == "1"],
-                 "the paused client to show up in cl_waiting")
+        wait_until(lambda: [p for p in pools_of(h, "acme") if p["cl_waiting"] == "1"],
+                   TIMEOUT, "the paused client to show up in cl_waiting")
         waiting = [c for c in show(h, "CLIENTS") if c["state"] == "waiting"]
         assert len(waiting) == 1 and waiting[0]["tenant"] == "acme"
         assert not answered.is_set()
@@ -253,8 +242,8 @@ def test_kill_closes_the_tenants_clients_and_server_connections(pg, gpooler):
             with pytest.raises(psycopg2.OperationalError):
                 one(conn, "select 1")
         assert {c["tenant"] for c in show(h, "CLIENTS")} == {"beta"}
-        wait_for(lambda: {s["tenant"] for s in show(h, "SERVERS")} == {"beta"},
-                 "acme's server connections to close")
+        wait_until(lambda: {s["tenant"] for s in show(h, "SERVERS")} == {"beta"}, TIMEOUT,
+                   "acme's server connections to close")
         assert one(other, "select 2") == 2            # other tenants are untouched
         again = connect(h)                            # KILL does not pause: acme may come back
         assert one(again, "select 3") == 3
@@ -348,7 +337,8 @@ def test_shutdown_while_paused_closes_the_waiting_clients(pg, gpooler):
             failed.set()
 
     threading.Thread(target=query, daemon=True).start()
-    wait_for(lambda: [p for p in show(h, "POOLS") if p["cl_waiting"] == "1"], "a paused client")
+    wait_until(lambda: [p for p in show(h, "POOLS") if p["cl_waiting"] == "1"], TIMEOUT,
+               "a paused client")
     assert "SHUTDOWN" in psql(h, "SHUTDOWN").stdout
     assert h.proc.wait(TIMEOUT) == 0               # well within shutdown_timeout: nobody is left
     assert failed.wait(TIMEOUT)
@@ -364,9 +354,9 @@ def test_show_replicas(cluster_factory, gpooler):
         cfg["tenants"]["acme"].update(replicas=[{"host": "127.0.0.1", "port": replica.port}],
                                       health_check_interval=0.2)
         h = gpooler(cfg)
-        wait_for(lambda: {r["port"]: (r["role"], r["healthy"]) for r in show(h, "REPLICAS")} == {
+        wait_until(lambda: {r["port"]: (r["role"], r["healthy"]) for r in show(h, "REPLICAS")} == {
             str(primary.port): ("primary", "True"), str(replica.port): ("replica", "True")},
-            "both members probed")
+            TIMEOUT, "both members probed")
         conn = psycopg2.connect(h.dsn("app.acme", "secret"))
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -376,7 +366,8 @@ def test_show_replicas(cluster_factory, gpooler):
         routed = {r["port"]: int(r["routed"]) for r in show(h, "REPLICAS")}
         assert sum(routed.values()) == 20 and routed[str(replica.port)] > 0
         replica.shutdown()
-        wait_for(lambda: [r["healthy"] for r in show(h, "REPLICAS")
-                          if r["port"] == str(replica.port)] == ["False"], "the replica down")
+        wait_until(lambda: [r["healthy"] for r in show(h, "REPLICAS")
+                            if r["port"] == str(replica.port)] == ["False"], TIMEOUT,
+                   "the replica down")
     finally:
         replica.stop()
