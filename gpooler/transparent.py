@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Callable, TypeVar
 
 from gpooler import protocol as p
 from gpooler import router
@@ -102,6 +103,24 @@ def target_statement(text: bytes) -> tuple[str, str] | None:
     return ("reset", "") if found.group(3) else ("show", "")
 
 
+T = TypeVar("T")
+
+# Texts longer than this are worked out each time: the caches hold at most 4096 texts of this
+# size each (16 MB), not 4096 bulk INSERTs with their values written in.
+CACHED_TEXT = 4096
+
+
+def _remembered_when_short(function: Callable[[bytes], T]) -> Callable[[bytes], T]:
+    """An LRU cache of function's answers for texts up to CACHED_TEXT bytes."""
+    cached = functools.lru_cache(maxsize=4096)(function)
+
+    def call(text: bytes) -> T:
+        return cached(text) if len(text) <= CACHED_TEXT else function(text)
+
+    call.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    return call
+
+
 def effects(text: bytes) -> Effects | None:
     """None for the common statement that changes nothing the pooler keeps."""
     lowered = text.lower()
@@ -109,33 +128,24 @@ def effects(text: bytes) -> Effects | None:
     if first is not None and first.group(1) not in _TRIGGER_WORDS:
         if _ANYWHERE_LOOSELY.search(lowered) is None or _ANYWHERE.search(lowered) is None:
             return None
-    return _classified(text) if len(text) <= CACHED_TEXT else _classify(text)
+    return _classified(text)
 
 
+@_remembered_when_short
 def screened(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
-    """target_statement and effects of a Parse's text, remembered when short: extended-protocol
-    clients send the same few texts again and again, with the values apart."""
-    return _screened(text) if len(text) <= CACHED_TEXT else _screen(text)
-
-
-def _screen(text: bytes) -> tuple[tuple[str, str] | None, Effects | None]:
+    """target_statement and effects of a Parse's text, remembered: extended-protocol clients send
+    the same few texts again and again, with the values apart."""
     statement = target_statement(text)
     return statement, None if statement is not None else effects(text)
 
 
-def _classify(text: bytes) -> Effects | None:
+@_remembered_when_short
+def _classified(text: bytes) -> Effects | None:
     may_unpin = _MAY_UNPIN.search(text) is not None
     found = Effects(router.classify(text.decode("utf-8", "replace")), may_unpin)
     if found.session or found.pins or found.unpins or found.prepared:
         return found
     return None
-
-
-# Texts longer than this are worked out each time: the caches hold at most 4096 texts of this
-# size each (16 MB), not 4096 bulk INSERTs with their values written in.
-CACHED_TEXT = 4096
-_screened = functools.lru_cache(maxsize=4096)(_screen)
-_classified = functools.lru_cache(maxsize=4096)(_classify)
 
 
 class ClientSession:

@@ -882,13 +882,13 @@ def test_the_prefilter_agrees_with_the_classifier(statements, lead):
 
 def test_only_short_texts_are_remembered():
     """Bulk INSERTs with their values written in would fill the caches with megabytes."""
-    from gpooler.transparent import CACHED_TEXT, _classified, _screened, screened
+    from gpooler.transparent import CACHED_TEXT, _classified, screened
 
     long_insert = b"insert into t values " + b",".join(b"(%d)" % i for i in range(CACHED_TEXT))
     long_set = b"set application_name = 'x'; " + long_insert
-    before = (_screened.cache_info().currsize, _classified.cache_info().currsize)
+    before = (screened.cache_info().currsize, _classified.cache_info().currsize)
     assert screened(long_insert) == (None, None)
     assert screened(long_set)[1].session
-    assert (_screened.cache_info().currsize, _classified.cache_info().currsize) == before
+    assert (screened.cache_info().currsize, _classified.cache_info().currsize) == before
     screened(b"set application_name = 'only-short-texts-are-remembered'")
-    assert _screened.cache_info().currsize == before[0] + 1
+    assert screened.cache_info().currsize == before[0] + 1
