@@ -55,13 +55,12 @@ class Janitor:
                 except Exception:
                     log.exception("janitor: checking %s failed", client.describe())
             retired = self.daemon.retired
-            for pool in retired:
-                pool.expire_waiters(now)
             retired[:] = [pool for pool in retired if pool.members or pool.waiters]
-            tenants = self.daemon.config.tenants
-            for key, pool in list(self.daemon.pools.items()):
+            for pool in [*self.daemon.pools.values(), *retired]:
                 if pool.waiters:
                     pool.expire_waiters(now)
+            tenants = self.daemon.config.tenants
+            for key, pool in list(self.daemon.pools.items()):
                 tenant = tenants.get(key[0])
                 user = find_user(tenant, key[1]) if tenant is not None else None
                 if user is None:
