@@ -30,6 +30,7 @@ from cryptography import x509
 
 from cluster import DEFAULT_HBA, Cluster, base_config, connect_error, deep_merge
 from gpooler.config import ConfigError, parse_config
+from waiting import wait_until
 
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
@@ -222,10 +223,8 @@ def test_cancel_request_inside_tls(pg, gpooler, certs):
 
         def cancel():
             try:
-                deadline = time.monotonic() + 10
-                while pg.psql(f"select count(*) from pg_stat_activity where query = '{sql}'") != "1":
-                    assert time.monotonic() < deadline, "the sleep never started"
-                    time.sleep(0.02)
+                wait_until(lambda: pg.psql(f"select count(*) from pg_stat_activity "
+                                           f"where query = '{sql}'") == "1", 10, "the sleep to start")
                 conn.cancel_safe()
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
